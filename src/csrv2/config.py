@@ -1,0 +1,188 @@
+"""Settings, one frozen dataclass per concern.
+
+`HeadConfig` holds the sparse head's shape with sentence-transformers' `SparseAutoEncoder` keys, so
+a head's `config.json` is that module's config. `TrainConfig` holds everything the trainer reads.
+A field's docstring (the string literal below it) is its documentation and becomes the CLI's `--help`.
+Cross-field checks raise `ValueError` naming the fields; configs are never mutated at run time.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import inspect
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+CONTRASTIVE_MODES = ("auto", "supervised", "pairs", "self", "none")
+PRESETS = ("csrv2", "csr")
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """Shape of a TopK sparse head; the six keys of sentence-transformers' `SparseAutoEncoder`."""
+
+    input_dim: int
+    """Dimension d of the dense embeddings the head reads."""
+    hidden_dim: int = 0
+    """Number of latents h (0 = 4 x input_dim, the paper's default)."""
+    k: int = 8
+    """Non-zero latents per code: the target k of training and the default k of encoding."""
+    k_aux: int = 0
+    """Dead latents the AuxK loss uses to model the residual (0 = hidden_dim / 16, i.e. 1024 at h = 16384 as in the paper)."""
+    normalize: bool = False
+    """Standardise each input (subtract its mean, divide by its std) before encoding; off in the paper."""
+    dead_threshold: int = 30
+    """A latent is dead when it has not fired in the top-k for more than this many optimizer steps."""
+
+    def __post_init__(self) -> None:
+        # Defaults that depend on other fields are resolved here, once, so a saved config is explicit.
+        if self.hidden_dim == 0:
+            object.__setattr__(self, "hidden_dim", 4 * self.input_dim)
+        if self.k_aux == 0:
+            object.__setattr__(self, "k_aux", max(1, self.hidden_dim // 16))
+        if self.input_dim < 1:
+            raise ValueError(f"input_dim must be >= 1, got {self.input_dim}")
+        if self.hidden_dim < 1:
+            raise ValueError(f"hidden_dim must be >= 1, got {self.hidden_dim}")
+        check_k(self.k, self.hidden_dim, "k")
+        if not 1 <= self.k_aux <= self.hidden_dim:
+            raise ValueError(f"k_aux must be in [1, hidden_dim={self.hidden_dim}], got {self.k_aux}")
+        if self.dead_threshold < 0:
+            raise ValueError(f"dead_threshold must be >= 0, got {self.dead_threshold}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def check_k(k: int, hidden_dim: int, name: str = "k") -> None:
+    """Raise a one-line `ValueError` unless 1 <= k <= hidden_dim."""
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= hidden_dim:
+        raise ValueError(f"{name} must be an integer in [1, hidden_dim={hidden_dim}], got {k!r}")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How a head is trained. Defaults are the paper's text recipe (PAPER.md)."""
+
+    epochs: int = 10
+    """Passes over the training data."""
+    batch_size: int = 128
+    """Samples (or query/document pairs) per optimizer step."""
+    lr: float = 1e-4
+    """Adam learning rate, constant."""
+    adam_eps: float = 6.25e-10
+    """Adam epsilon (the official recipe's value)."""
+    anneal: bool = True
+    """Progressive k-annealing: k goes linearly from k_init to the head's k over decay_ratio of the steps."""
+    k_init: int | None = None
+    """Starting k of annealing (default 64, capped at hidden_dim / 4 and raised to k); an explicit value below k is an error."""
+    decay_ratio: float = 0.7
+    """Fraction of all optimizer steps after which k has reached its target."""
+    multi_k_coef: float = 0.125
+    """Weight of the reconstruction from the top-4k latents."""
+    aux_coef: float = 0.1
+    """beta: weight of the AuxK loss on dead latents."""
+    cl_coef: float = 0.1
+    """gamma: weight of the contrastive loss on the k-sparse codes."""
+    temperature: float = 0.2
+    """Temperature of the contrastive loss (cosine similarity / temperature)."""
+    contrastive: Literal["auto", "supervised", "pairs", "self", "none"] = "auto"
+    """Contrastive form: auto picks supervised with labels, pairs with documents, else self (CSR v1)."""
+    seed: int = 0
+    """Seed of the weight initialisation and the data order."""
+    device: str = "auto"
+    """Device to train on: auto (the accelerator if there is one, else cpu), cpu, cuda, cuda:1, mps."""
+    checkpoint_every: int = 0
+    """Write a resumable checkpoint every this many optimizer steps (0 = at the end of each epoch)."""
+    log_every: int = 10
+    """Write a JSON log line and refresh the progress bar every this many optimizer steps."""
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        if not 0 < self.decay_ratio <= 1:
+            raise ValueError(f"decay_ratio must be in (0, 1], got {self.decay_ratio}")
+        if self.k_init is not None and self.k_init < 1:
+            raise ValueError(f"k_init must be >= 1, got {self.k_init}")
+        for name in ("lr", "adam_eps", "temperature"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("multi_k_coef", "aux_coef", "cl_coef"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.contrastive not in CONTRASTIVE_MODES:
+            raise ValueError(f"contrastive must be one of {', '.join(CONTRASTIVE_MODES)}, got {self.contrastive!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def preset(name: str, **overrides) -> TrainConfig:
+    """The `TrainConfig` of a named recipe, with any field overridden.
+
+    csrv2: k-annealing on, contrastive `auto` (supervised with labels, pairs with documents).
+    csr:   the CSR v1 baseline: fixed k, self-supervised contrastive.
+    """
+    if name not in PRESETS:
+        raise ValueError(f"preset must be one of {', '.join(PRESETS)}, got {name!r}")
+    base = {"csrv2": {"anneal": True, "contrastive": "auto"}, "csr": {"anneal": False, "contrastive": "self"}}[name]
+    return TrainConfig(**{**base, **overrides})
+
+
+DEFAULT_K_INIT = 64
+
+
+def resolve_k_init(k_init: int | None, k: int, hidden_dim: int) -> int:
+    """Starting k of annealing: k_init (default 64) capped at hidden_dim // 4 so that 4k fits, and >= k.
+
+    An explicit k_init below k is a mistake and raises; the default is silently raised to k.
+    """
+    if k_init is not None and k_init < k:
+        raise ValueError(f"k_init ({k_init}) must be >= k ({k}): annealing goes from k_init down to k")
+    return max(min(k_init or DEFAULT_K_INIT, max(1, hidden_dim // 4)), k)
+
+
+def resolve_device(spec: str | None = "auto") -> torch.device:
+    """A `torch.device` from a name; "auto" (or None) is the machine's accelerator if it has one, else cpu."""
+    if spec in (None, "auto"):
+        accelerator = torch.accelerator.current_accelerator() if hasattr(torch, "accelerator") else None
+        return accelerator if accelerator is not None else torch.device("cpu")
+    try:
+        return torch.device(spec)
+    except RuntimeError as e:
+        raise ValueError(f"device {spec!r} is not a device name ({e}); use auto, cpu, cuda, cuda:N or mps") from e
+
+
+def field_docs(cls) -> dict[str, str]:
+    """Map each dataclass field of `cls` to the docstring written under it in the source."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = nxt.value.value
+    return docs
+
+
+__all__ = [
+    "CONTRASTIVE_MODES",
+    "PRESETS",
+    "HeadConfig",
+    "TrainConfig",
+    "check_k",
+    "field_docs",
+    "preset",
+    "resolve_device",
+    "resolve_k_init",
+]

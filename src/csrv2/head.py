@@ -1,0 +1,93 @@
+"""The CSR sparse head: a TopK sparse autoencoder with a decoder tied to its encoder.
+
+    pre   = W (x - b_pre) + b_lat              (batch, hidden_dim)
+    z     = ReLU(TopK_k(pre))                  k non-zeros per row at most
+    x_hat = W^T z + b_pre                      (batch, input_dim)
+
+Parameters carry sentence-transformers' `SparseAutoEncoder` names and shapes: `pre_bias` (d,),
+`encoder.weight` (h, d), `latent_bias` (h,). The head holds no training state: the trainer keeps the
+dead-latent counters, and `encode(x, k)` takes k as an argument.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import HeadConfig, check_k
+
+
+class SparseHead(nn.Module):
+    """TopK sparse autoencoder from `input_dim` to `hidden_dim` latents.
+
+    Initialisation: biases are zero; each row of W (one latent's encoder direction and, tied, its
+    decoder atom) is a Gaussian vector scaled to unit norm. Equal-norm rows mean no latent is favoured
+    by the top-k at step 0 merely for having a larger row, which keeps early selection spread out
+    (nn.Linear's uniform init gives rows of unequal norm).
+    """
+
+    def __init__(self, config: HeadConfig, generator: torch.Generator | None = None) -> None:
+        super().__init__()
+        self.config = config
+        d, h = config.input_dim, config.hidden_dim
+        self.pre_bias = nn.Parameter(torch.zeros(d))
+        self.encoder = nn.Linear(d, h, bias=False)
+        self.latent_bias = nn.Parameter(torch.zeros(h))
+        with torch.no_grad():
+            w = torch.randn(h, d, generator=generator)
+            self.encoder.weight.copy_(w / w.norm(dim=1, keepdim=True))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """W: (hidden_dim, input_dim); row j is latent j's encoder direction and decoder atom."""
+        return self.encoder.weight
+
+    def standardize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """x: (batch, input_dim) -> (x', mu, std); identity unless config.normalize (as in sentence-transformers)."""
+        if not self.config.normalize:
+            return x, None, None
+        mu = x.mean(dim=-1, keepdim=True)
+        std = (x - mu).std(dim=-1, keepdim=True)
+        return (x - mu) / (std + 1e-5), mu, std
+
+    def preactivations(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (batch, input_dim) -> pre: (batch, hidden_dim). The one encoder product of a step."""
+        x, _, _ = self.standardize(x)
+        return F.linear(x - self.pre_bias, self.encoder.weight, self.latent_bias)
+
+    def decode(
+        self, indices: torch.Tensor, values: torch.Tensor, *, bias: bool = True, std: torch.Tensor | None = None,
+        mu: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Sparse codes -> reconstruction, gathering only the k rows of W each code uses.
+
+        indices: (batch, k) int, values: (batch, k) float -> (batch, input_dim). Never builds the
+        zero-filled (batch, hidden_dim) matrix. `bias=False` leaves out b_pre (AuxK decodes a residual);
+        `std`/`mu` (batch, 1) undo `standardize`.
+        """
+        out = F.embedding_bag(indices.long(), self.encoder.weight, per_sample_weights=values, mode="sum")
+        if bias:
+            out = out + self.pre_bias
+        if std is not None:
+            out = out * std
+        if mu is not None and bias:
+            out = out + mu
+        return out
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: (batch, input_dim) -> (indices (batch, k) int64, values (batch, k) float32), largest first.
+
+        Values are ReLU(TopK_k(pre)): a row has fewer than k non-zeros only where a top-k
+        pre-activation is negative. Any k <= hidden_dim works; nothing is mutated.
+        """
+        k = self.config.k if k is None else k
+        check_k(k, self.config.hidden_dim)
+        if x.ndim != 2 or x.shape[1] != self.config.input_dim:
+            raise ValueError(
+                f"embeddings have shape {tuple(x.shape)} but the head expects (n, {self.config.input_dim}); "
+                "encode embeddings from the backbone the head was trained on"
+            )
+        top = self.preactivations(x.to(self.pre_bias.dtype)).topk(k, dim=-1)
+        return top.indices, top.values.relu()

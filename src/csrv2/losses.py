@@ -1,0 +1,96 @@
+"""The CSRv2 objective as pure functions: tensors in, scalar out, no state, no I/O.
+
+    L = MSE(x, x_hat_k) + 1/8 MSE(x, x_hat_4k) + beta AuxK + gamma L_cl
+
+The contrastive forms reproduce the official two-view recipe, whose second "view" is an exact copy
+of the first (no augmentation), from one (batch, batch) similarity matrix: every other sample then
+appears twice (once per view) and each anchor also meets its own copy, at similarity ||z_i||^2 / T.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def reconstruction_loss(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over all elements. x, x_hat: (batch, input_dim)."""
+    return F.mse_loss(x_hat, x)
+
+
+def auxk_loss(residual: torch.Tensor, residual_hat: torch.Tensor, any_dead: torch.Tensor | bool) -> torch.Tensor:
+    """Normalised MSE of the dead latents' reconstruction of the residual x - x_hat_k.
+
+    residual: (batch, input_dim), computed with the gradient stopped through x_hat_k;
+    residual_hat: (batch, input_dim), W^T z_aux from the top k_aux dead pre-activations.
+    MSE(residual_hat, residual) / MSE(mean over the batch of residual, residual); exactly 0 when no
+    latent is dead (`any_dead` is a 0-dim bool tensor so that no host synchronisation is needed) and
+    when the residual does not vary over the batch (the normaliser is 0).
+    """
+    mse = F.mse_loss(residual_hat, residual)
+    baseline = F.mse_loss(residual.mean(dim=0, keepdim=True).expand_as(residual), residual)
+    ratio = torch.where(baseline > 0, mse / baseline.clamp_min(torch.finfo(mse.dtype).tiny), torch.zeros_like(mse))
+    return ratio * torch.as_tensor(any_dead, dtype=ratio.dtype, device=ratio.device)
+
+
+def _cosine_logits(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
+    """a: (n, dim), b: (m, dim) -> (n, m) cosine similarities / temperature (zero rows give 0)."""
+    return F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T / temperature
+
+
+def supervised_contrastive_loss(codes: torch.Tensor, labels: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:
+    """CSRv2's supervised contrastive loss, two identical views. codes: (batch, dim), labels: (batch,).
+
+    With s_ij = cos(z_i, z_j) / T, positives P(i) = other samples of i's label, negatives N(i) = the rest:
+        pos_i = e^{s_ii} + 2 sum_{p in P(i)} e^{s_ip}      (own copy, then both views of each positive)
+        neg_i = 2 sum_{n in N(i)} e^{s_in}
+        L = -mean_i log(pos_i / (pos_i + neg_i))
+    Computed in log space (logsumexp), so small temperatures cannot overflow.
+    """
+    logits = _cosine_logits(codes, codes, temperature)
+    same = labels[:, None] == labels[None, :]
+    eye = torch.eye(len(labels), dtype=torch.bool, device=codes.device)
+    # log-weights: 0 for the own copy (weight 1), log 2 for both views of another sample.
+    log_w = torch.where(eye, 0.0, math.log(2.0)).to(logits.dtype)
+    log_pos = torch.logsumexp(torch.where(same, logits + log_w, -torch.inf), dim=1)
+    log_all = torch.logsumexp(logits + log_w, dim=1)
+    return (log_all - log_pos).mean()
+
+
+def self_contrastive_loss(codes: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:
+    """CSR v1's self-supervised contrastive loss: each sample's only positive is its own copy.
+
+    codes: (batch, dim). The supervised loss with every sample its own class:
+        L = -mean_i log(e^{s_ii} / (e^{s_ii} + 2 sum_{j != i} e^{s_ij})).
+    """
+    return supervised_contrastive_loss(codes, torch.arange(len(codes), device=codes.device), temperature)
+
+
+def pairs_contrastive_loss(query_codes: torch.Tensor, doc_codes: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:
+    """In-batch-negatives loss for query/document pairs. query_codes, doc_codes: (batch, dim), row-aligned.
+
+    L = -mean_i log(e^{s(q_i, d_i)} / sum_j e^{s(q_i, d_j)}), s = cosine / T: each query's document
+    is its positive, the other documents of the batch its negatives.
+    """
+    logits = _cosine_logits(query_codes, doc_codes, temperature)
+    return F.cross_entropy(logits, torch.arange(len(logits), device=logits.device))
+
+
+def sparse_to_dense(indices: torch.Tensor, values: torch.Tensor, dim: int) -> torch.Tensor:
+    """indices, values: (batch, k) -> (batch, dim) zero-filled codes, differentiable in `values`."""
+    return torch.zeros(indices.shape[0], dim, dtype=values.dtype, device=values.device).scatter(1, indices, values)
+
+
+def total_loss(
+    loss_k: torch.Tensor,
+    loss_4k: torch.Tensor,
+    loss_aux: torch.Tensor,
+    loss_cl: torch.Tensor,
+    multi_k_coef: float = 0.125,
+    aux_coef: float = 0.1,
+    cl_coef: float = 0.1,
+) -> torch.Tensor:
+    """L = loss_k + multi_k_coef loss_4k + aux_coef AuxK + cl_coef L_cl (paper: 1/8, beta 0.1, gamma 0.1)."""
+    return loss_k + multi_k_coef * loss_4k + aux_coef * loss_aux + cl_coef * loss_cl

@@ -1,0 +1,337 @@
+"""Training a sparse head on embeddings: the step, the state the trainer owns, checkpoints and logs.
+
+A run folder (`out`) holds the final model (config.json, model.safetensors, csrv2.json),
+`train_log.jsonl` (one line per `log_every` steps), and `checkpoints/step-N/`: the model at step N
+plus `state.pt`, the resume state (optimizer, step, dead-latent counters, RNG), read with
+`weights_only=True`. A checkpoint folder is built aside and renamed into place, so it is whole or absent.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .config import HeadConfig, TrainConfig, preset, resolve_device, resolve_k_init
+from .data import TrainingData, class_ids
+from .errors import InputError
+from .head import SparseHead
+from .losses import (
+    auxk_loss,
+    pairs_contrastive_loss,
+    reconstruction_loss,
+    self_contrastive_loss,
+    sparse_to_dense,
+    supervised_contrastive_loss,
+    total_loss,
+)
+from .model import CONFIG_FILE, WEIGHTS_FILE, load_head, save_head, write_json
+from .schedule import k_at_step
+
+LOSS_NAMES = ("loss", "loss_k", "loss_4k", "loss_aux", "loss_cl")
+LOG_FILE = "train_log.jsonl"
+STATE_FILE = "state.pt"
+
+
+def step_losses(
+    head: SparseHead,
+    x: torch.Tensor,
+    k: int,
+    dead: torch.Tensor,
+    cfg: TrainConfig,
+    mode: str,
+    labels: torch.Tensor | None = None,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The CSRv2 objective on one batch, with one encoder product.
+
+    x: (n, input_dim), for mode "pairs" the queries then their documents (n/2 each); dead: (hidden_dim,)
+    bool; labels: (n,) for mode "supervised". The top-k and top-4k both come from one top-4k of the
+    pre-activations (topk is sorted, so its first k columns are the top-k); AuxK picks among dead
+    latents on a masked copy, never editing the pre-activations in place. Every decode gathers rows
+    of W. Returns the losses (0-dim tensors, no host sync) and fired: (hidden_dim,) bool, the latents
+    active in some top-k code.
+    """
+    h = head.config.hidden_dim
+    x_in, mu, std = head.standardize(x)
+    pre = torch.nn.functional.linear(x_in - head.pre_bias, head.weight, head.latent_bias)  # (n, h)
+    top = pre.topk(min(4 * k, h), dim=1)
+    idx_4k, val_4k = top.indices, top.values.relu()  # (n, 4k)
+    idx_k, val_k = idx_4k[:, :k], val_4k[:, :k]  # (n, k)
+    x_hat_k = head.decode(idx_k, val_k, std=std, mu=mu)
+    x_hat_4k = head.decode(idx_4k, val_4k, std=std, mu=mu)
+
+    aux = pre.masked_fill(~dead, -torch.inf).topk(min(head.config.k_aux, h), dim=1)
+    residual_hat = head.decode(aux.indices, aux.values.relu(), bias=False, std=std)
+    loss_aux = auxk_loss(x - x_hat_k.detach(), residual_hat, dead.any())
+
+    codes = sparse_to_dense(idx_k, val_k, h)  # (n, h): cosine similarities need the zero-filled rows
+    if mode == "supervised":
+        loss_cl = supervised_contrastive_loss(codes, labels, cfg.temperature)
+    elif mode == "self":
+        loss_cl = self_contrastive_loss(codes, cfg.temperature)
+    elif mode == "pairs":
+        queries, docs = codes.chunk(2)
+        loss_cl = pairs_contrastive_loss(queries, docs, cfg.temperature)
+    else:
+        loss_cl = torch.zeros((), device=x.device)
+
+    losses = {
+        "loss_k": reconstruction_loss(x, x_hat_k),
+        "loss_4k": reconstruction_loss(x, x_hat_4k),
+        "loss_aux": loss_aux,
+        "loss_cl": loss_cl,
+    }
+    losses["loss"] = total_loss(**losses, multi_k_coef=cfg.multi_k_coef, aux_coef=cfg.aux_coef, cl_coef=cfg.cl_coef)
+    fired = torch.zeros(h, device=x.device).index_add_(0, idx_k.reshape(-1), (val_k > 0).reshape(-1).float()) > 0
+    return losses, fired
+
+
+def update_dead_counters(counters: torch.Tensor, fired: torch.Tensor) -> torch.Tensor:
+    """Optimizer steps since each latent last fired: 0 where it fired this step, else one more."""
+    return torch.where(fired, torch.zeros_like(counters), counters + 1)
+
+
+def contrastive_mode(cfg: TrainConfig, data: TrainingData) -> str:
+    """The contrastive form the data allow: `auto` picks supervised, pairs or self; others are checked."""
+    mode = cfg.contrastive
+    if mode == "auto":
+        return "supervised" if data.labels is not None else "pairs" if data.documents is not None else "self"
+    if mode == "supervised" and data.labels is None:
+        raise InputError("contrastive 'supervised' needs labels; pass --labels (or labels=) or choose another contrastive form")
+    if mode == "pairs" and data.documents is None:
+        raise InputError("contrastive 'pairs' needs documents; pass --documents (or documents=) or choose another contrastive form")
+    if mode in ("self", "none") and data.documents is not None:
+        raise InputError(f"contrastive {mode!r} does not use documents; drop them or use contrastive 'pairs'")
+    return mode
+
+
+class Trainer:
+    """Trains a `SparseHead` on `TrainingData`; owns the optimizer, the step, k and the dead-latent counters."""
+
+    def __init__(
+        self,
+        head_config: HeadConfig,
+        train_config: TrainConfig,
+        data: TrainingData,
+        out: str | os.PathLike | None = None,
+        *,
+        resume: bool = False,
+        overwrite: bool = False,
+        progress: bool = True,
+    ) -> None:
+        if data.dim != head_config.input_dim:
+            raise InputError(
+                f"embeddings have {data.dim} dims but input_dim is {head_config.input_dim}; set input_dim to the embeddings' dimension"
+            )
+        if resume and overwrite:
+            raise InputError("resume and overwrite exclude each other; choose one")
+        self.head_config, self.cfg, self.data = head_config, train_config, data
+        self.mode = contrastive_mode(train_config, data)
+        h, k = head_config.hidden_dim, head_config.k
+        self.k_init = resolve_k_init(train_config.k_init, k, h) if train_config.anneal else k
+        self.steps_per_epoch = math.ceil(len(data) / train_config.batch_size)
+        self.total_steps = self.steps_per_epoch * train_config.epochs
+        self.out = Path(out) if out is not None else None
+        self.resume, self.overwrite, self.progress = resume, overwrite, progress
+        self.device = resolve_device(train_config.device)
+
+        generator = torch.Generator().manual_seed(train_config.seed)
+        self.head = SparseHead(head_config, generator).to(self.device)
+        self.optimizer = torch.optim.Adam(self.head.parameters(), lr=train_config.lr, eps=train_config.adam_eps)
+        self.step = 0
+        self.counters = torch.zeros(h, dtype=torch.long, device=self.device)
+        self.labels = None if data.labels is None else torch.from_numpy(data.labels)
+
+    # --- the loop, top to bottom -------------------------------------------------------------
+    def fit(self) -> SparseHead:
+        """Train to the last step (from the last checkpoint when resuming) and return the head."""
+        self._prepare_run_folder()
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", disable=not self.progress)
+        window = {name: torch.zeros((), device=self.device) for name in LOSS_NAMES}
+        window_steps = 0
+        while self.step < self.total_steps:
+            epoch, position = divmod(self.step, self.steps_per_epoch)
+            x, labels = self._batch(epoch, position)
+            k = self.current_k()
+            losses = self.train_step(x, labels, k)
+            for name in LOSS_NAMES:
+                window[name] += losses[name].detach()
+            window_steps += 1
+            self.step += 1
+            bar.update(1)
+            if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
+                record = self._log(window, window_steps, k, epoch)
+                bar.set_postfix(loss=f"{record['loss']:.4g}", k=k, dead=f"{record['dead_pct']:.1f}%")
+                window = {name: torch.zeros((), device=self.device) for name in LOSS_NAMES}
+                window_steps = 0
+            if self._checkpoint_due():
+                self._checkpoint()
+        bar.close()
+        self._finish()
+        return self.head
+
+    def current_k(self) -> int:
+        return k_at_step(self.step, self.total_steps, self.k_init, self.head_config.k, self.cfg.decay_ratio)
+
+    def train_step(self, x: torch.Tensor, labels: torch.Tensor | None, k: int) -> dict[str, torch.Tensor]:
+        """One optimizer step at k; updates the dead-latent counters. x: (n, input_dim)."""
+        dead = self.counters > self.head_config.dead_threshold
+        losses, fired = step_losses(self.head, x, k, dead, self.cfg, self.mode, labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        self.optimizer.step()
+        self.counters = update_dead_counters(self.counters, fired)
+        return losses
+
+    def dead_fraction(self) -> float:
+        return float((self.counters > self.head_config.dead_threshold).float().mean())
+
+    # --- named steps ---------------------------------------------------------------------------
+    def _batch(self, epoch: int, position: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Rows of batch `position` of `epoch`; the order is a function of (seed, epoch) alone, so resuming replays it."""
+        order = np.random.default_rng([self.cfg.seed, epoch]).permutation(len(self.data))
+        b = self.cfg.batch_size
+        rows = np.sort(order[position * b : (position + 1) * b])  # sorted: contiguous reads from a memory map
+        x = np.asarray(self.data.embeddings[rows], dtype=np.float32)
+        if self.mode == "pairs":
+            x = np.concatenate([x, np.asarray(self.data.documents[rows], dtype=np.float32)])
+        labels = None if self.labels is None else self.labels[rows].to(self.device)
+        return torch.from_numpy(x).to(self.device), labels
+
+    def _settings(self) -> dict:
+        return {
+            "csrv2_version": __version__,
+            "train": self.cfg.to_dict(),
+            "k_init": self.k_init,
+            "contrastive": self.mode,
+            "samples": len(self.data),
+            "total_steps": self.total_steps,
+            "step": self.step,
+        }
+
+    def _prepare_run_folder(self) -> None:
+        if self.out is None:
+            return
+        if self.out.exists() and not self.out.is_dir():
+            raise InputError(f"{self.out}: exists and is not a folder; choose another --out")
+        started = (self.out / "checkpoints").exists() or (self.out / WEIGHTS_FILE).exists() or (self.out / LOG_FILE).exists()
+        if self.resume:
+            self._restore()
+        elif started and not self.overwrite:
+            raise InputError(f"{self.out}: already holds a training run; pass --resume to continue it or --overwrite to start over")
+        elif started:
+            shutil.rmtree(self.out / "checkpoints", ignore_errors=True)
+            (self.out / LOG_FILE).unlink(missing_ok=True)
+        self.out.mkdir(parents=True, exist_ok=True)
+        write_json(self.out / "run.json", {"head": self.head_config.to_dict(), **self._settings()})
+
+    def _restore(self) -> None:
+        """Load the latest checkpoint; its configs and data size must match this run's."""
+        ckpt = _latest_checkpoint(self.out)
+        if ckpt is None:
+            raise InputError(f"{self.out}: has no checkpoint to resume from; start the run without --resume")
+        saved = json.loads((ckpt / "csrv2.json").read_text())
+        head = load_head(ckpt)
+        if head.config != self.head_config:
+            raise InputError(f"{ckpt}: head config {head.config.to_dict()} differs from this run's {self.head_config.to_dict()}; resume with the same options")
+        changed = [key for key, value in self.cfg.to_dict().items() if saved["train"].get(key) != value]
+        if changed:
+            raise InputError(f"{ckpt}: was trained with other values of {', '.join(changed)}; resume with the same options")
+        if saved["samples"] != len(self.data):
+            raise InputError(f"{ckpt}: was trained on {saved['samples']} samples, this data has {len(self.data)}; resume on the same data")
+        state = torch.load(ckpt / STATE_FILE, map_location=self.device, weights_only=True)
+        self.head.load_state_dict(head.state_dict())
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.counters = state["counters"].to(self.device)
+        torch.set_rng_state(state["rng"].cpu())
+        _truncate_log(self.out / LOG_FILE, self.step)
+
+    def _log(self, window: dict[str, torch.Tensor], steps: int, k: int, epoch: int) -> dict:
+        means = torch.stack([window[name] for name in LOSS_NAMES]).div(steps).tolist()  # the one sync per window
+        record = {"step": self.step, "epoch": epoch, "k": k, **dict(zip(LOSS_NAMES, means))}
+        record["dead_pct"] = 100.0 * self.dead_fraction()
+        if self.out is not None:
+            with open(self.out / LOG_FILE, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        return record
+
+    def _checkpoint_due(self) -> bool:
+        if self.out is None or self.step == self.total_steps:
+            return False
+        every = self.cfg.checkpoint_every or self.steps_per_epoch
+        return self.step % every == 0
+
+    def _checkpoint(self) -> None:
+        """Write checkpoints/step-N whole (built aside, then renamed), then drop older ones."""
+        root = self.out / "checkpoints"
+        root.mkdir(exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".step-", dir=root))
+        save_head(self.head, tmp, self._settings())
+        state = {"optimizer": self.optimizer.state_dict(), "step": self.step, "counters": self.counters.cpu(), "rng": torch.get_rng_state()}
+        torch.save(state, tmp / STATE_FILE)
+        os.rename(tmp, root / f"step-{self.step:09d}")
+        for old in root.glob("step-*"):
+            if old.name != f"step-{self.step:09d}":
+                shutil.rmtree(old, ignore_errors=True)
+
+    def _finish(self) -> None:
+        if self.out is None:
+            return
+        save_head(self.head, self.out, self._settings())
+        shutil.rmtree(self.out / "checkpoints", ignore_errors=True)
+
+
+def _latest_checkpoint(out: Path) -> Path | None:
+    done = sorted(p for p in (out / "checkpoints").glob("step-*") if (p / STATE_FILE).is_file() and (p / CONFIG_FILE).is_file())
+    return done[-1] if done else None
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines written after the checkpoint we resume from, so the log has no step twice."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+def train(
+    embeddings: np.ndarray | TrainingData,
+    labels: np.ndarray | None = None,
+    documents: np.ndarray | None = None,
+    *,
+    k: int = 8,
+    hidden_dim: int = 0,
+    k_aux: int = 0,
+    dead_threshold: int = 30,
+    normalize: bool = False,
+    preset_name: str = "csrv2",
+    out: str | os.PathLike | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    **overrides,
+) -> SparseHead:
+    """Train a sparse head on (n, d) embeddings and return it; the Python face of `csrv2 train`.
+
+    labels: (n,) switch the csrv2 preset to the supervised contrastive loss; documents: (n, d) rows
+    paired with `embeddings` (queries) switch it to the pairs loss. `overrides` are `TrainConfig` fields.
+    """
+    data = embeddings if isinstance(embeddings, TrainingData) else TrainingData(
+        np.asarray(embeddings),  # a memory map stays one (no copy)
+        None if labels is None else class_ids(labels),
+        None if documents is None else np.asarray(documents),
+    )
+    head_config = HeadConfig(data.dim, hidden_dim, k, k_aux, normalize, dead_threshold)
+    trainer = Trainer(head_config, preset(preset_name, **overrides), data, out, resume=resume, overwrite=overwrite, progress=progress)
+    return trainer.fit()
