@@ -128,7 +128,10 @@ def _load(path: str | os.PathLike, names: tuple[str, ...], optional: bool = Fals
         else:
             found = {names[0]: np.load(path, mmap_mode="r", allow_pickle=False)}
     except ValueError as e:
-        if "pickle" in str(e).lower():
+        with open(path, "rb") as f:
+            # numpy calls any unknown bytes pickled; a real pickle starts with 0x80, an object array says so
+            pickled = f.read(1) == b"\x80" or "Object arrays" in str(e)
+        if pickled:
             raise InputError(f"{path}: holds pickled Python objects, which csrv2 never loads; save a numeric array with numpy.save") from e
         raise InputError(f"{path}: cannot be read as a NumPy {path.suffix or '.npy'} file ({e}); write it with numpy.save") from e
     except (OSError, EOFError, zipfile.BadZipFile) as e:

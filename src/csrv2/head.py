@@ -52,9 +52,17 @@ class SparseHead(nn.Module):
         return (x - mu) / (std + 1e-5), mu, std
 
     def preactivations(self, x: torch.Tensor) -> torch.Tensor:
-        """x: (batch, input_dim) -> pre: (batch, hidden_dim). The one encoder product of a step."""
-        x, _, _ = self.standardize(x)
-        return F.linear(x - self.pre_bias, self.encoder.weight, self.latent_bias)
+        """x: (batch, input_dim) -> pre: (batch, hidden_dim) = W (x' - b_pre) + b_lat, x' = standardize(x)."""
+        return self.project(self.standardize(x)[0])
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """Standardized x: (batch, input_dim) -> (batch, hidden_dim) = W x - W b_pre + b_lat; the one encoder product.
+
+        Written as W x + (b_lat - W b_pre) rather than W (x - b_pre): b_pre's gradient then costs a
+        matrix-vector product, where through x - b_pre autograd would compute a full (batch, hidden_dim)
+        x (hidden_dim, input_dim) product for it.
+        """
+        return F.linear(x, self.encoder.weight, self.latent_bias - self.encoder.weight @ self.pre_bias)
 
     def decode(
         self, indices: torch.Tensor, values: torch.Tensor, *, bias: bool = True, std: torch.Tensor | None = None,
@@ -66,7 +74,7 @@ class SparseHead(nn.Module):
         zero-filled (batch, hidden_dim) matrix. `bias=False` leaves out b_pre (AuxK decodes a residual);
         `std`/`mu` (batch, 1) undo `standardize`.
         """
-        out = F.embedding_bag(indices.long(), self.encoder.weight, per_sample_weights=values, mode="sum")
+        out = self.decode_sums([(indices, values)])[0]
         if bias:
             out = out + self.pre_bias
         if std is not None:
@@ -74,6 +82,20 @@ class SparseHead(nn.Module):
         if mu is not None and bias:
             out = out + mu
         return out
+
+    def decode_sums(self, codes: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+        """W^T z for several code sets at once: [(indices (batch, k_i), values (batch, k_i))] -> [(batch, input_dim)].
+
+        One gather of rows of W over all the sets, so the backward pass builds W's (hidden_dim,
+        input_dim) gradient once instead of once per set.
+        """
+        batch = codes[0][0].shape[0]
+        flat_idx = torch.cat([idx.reshape(-1) for idx, _ in codes]).long()
+        flat_val = torch.cat([val.reshape(-1) for _, val in codes])
+        sizes = torch.tensor([idx.shape[1] for idx, _ in codes], device=flat_idx.device).repeat_interleave(batch)
+        offsets = torch.cumsum(sizes, 0) - sizes  # (sets * batch,) start of each bag
+        out = F.embedding_bag(flat_idx, self.encoder.weight, offsets, mode="sum", per_sample_weights=flat_val)
+        return list(out.split(batch))
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

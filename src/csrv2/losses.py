@@ -35,9 +35,20 @@ def auxk_loss(residual: torch.Tensor, residual_hat: torch.Tensor, any_dead: torc
     return ratio * torch.as_tensor(any_dead, dtype=ratio.dtype, device=ratio.device)
 
 
-def _cosine_logits(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
+def cosine_logits(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
     """a: (n, dim), b: (m, dim) -> (n, m) cosine similarities / temperature (zero rows give 0)."""
     return F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T / temperature
+
+
+def sparse_cosine(indices: torch.Tensor, values: torch.Tensor, indices_b: torch.Tensor, values_b: torch.Tensor) -> torch.Tensor:
+    """Cosine similarities of k-sparse codes without zero-filling them: (n, k), (m, k) pairs -> (n, m).
+
+    cos(z_i, z_j) = sum over slots a, b of v_ia v_jb [idx_ia == idx_jb] / (|v_i| |v_j|); costs n m k^2
+    instead of n m hidden_dim. Indices within a row must be distinct (as top-k indices are).
+    """
+    a, b = F.normalize(values, dim=-1), F.normalize(values_b, dim=-1)
+    match = (indices[:, None, :, None] == indices_b[None, :, None, :]).to(a.dtype)  # (n, m, k, k)
+    return torch.einsum("ia,jb,ijab->ij", a, b, match)
 
 
 def supervised_contrastive_loss(codes: torch.Tensor, labels: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:
@@ -49,9 +60,13 @@ def supervised_contrastive_loss(codes: torch.Tensor, labels: torch.Tensor, tempe
         L = -mean_i log(pos_i / (pos_i + neg_i))
     Computed in log space (logsumexp), so small temperatures cannot overflow.
     """
-    logits = _cosine_logits(codes, codes, temperature)
+    return supervised_contrastive_from_logits(cosine_logits(codes, codes, temperature), labels)
+
+
+def supervised_contrastive_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """`supervised_contrastive_loss` from its (batch, batch) matrix s = cosine / T."""
     same = labels[:, None] == labels[None, :]
-    eye = torch.eye(len(labels), dtype=torch.bool, device=codes.device)
+    eye = torch.eye(len(labels), dtype=torch.bool, device=logits.device)
     # log-weights: 0 for the own copy (weight 1), log 2 for both views of another sample.
     log_w = torch.where(eye, 0.0, math.log(2.0)).to(logits.dtype)
     log_pos = torch.logsumexp(torch.where(same, logits + log_w, -torch.inf), dim=1)
@@ -74,7 +89,11 @@ def pairs_contrastive_loss(query_codes: torch.Tensor, doc_codes: torch.Tensor, t
     L = -mean_i log(e^{s(q_i, d_i)} / sum_j e^{s(q_i, d_j)}), s = cosine / T: each query's document
     is its positive, the other documents of the batch its negatives.
     """
-    logits = _cosine_logits(query_codes, doc_codes, temperature)
+    return pairs_contrastive_from_logits(cosine_logits(query_codes, doc_codes, temperature))
+
+
+def pairs_contrastive_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """`pairs_contrastive_loss` from its (batch, batch) query-document matrix s = cosine / T."""
     return F.cross_entropy(logits, torch.arange(len(logits), device=logits.device))
 
 

@@ -26,11 +26,12 @@ from .errors import InputError
 from .head import SparseHead
 from .losses import (
     auxk_loss,
-    pairs_contrastive_loss,
+    cosine_logits,
+    pairs_contrastive_from_logits,
     reconstruction_loss,
-    self_contrastive_loss,
+    sparse_cosine,
     sparse_to_dense,
-    supervised_contrastive_loss,
+    supervised_contrastive_from_logits,
     total_loss,
 )
 from .model import CONFIG_FILE, WEIGHTS_FILE, load_head, save_head, write_json
@@ -53,45 +54,67 @@ def step_losses(
     """The CSRv2 objective on one batch, with one encoder product.
 
     x: (n, input_dim), for mode "pairs" the queries then their documents (n/2 each); dead: (hidden_dim,)
-    bool; labels: (n,) for mode "supervised". The top-k and top-4k both come from one top-4k of the
-    pre-activations (topk is sorted, so its first k columns are the top-k); AuxK picks among dead
-    latents on a masked copy, never editing the pre-activations in place. Every decode gathers rows
-    of W. Returns the losses (0-dim tensors, no host sync) and fired: (hidden_dim,) bool, the latents
-    active in some top-k code.
+    bool; labels: (n,) for mode "supervised". Returns the losses (0-dim tensors) and fired:
+    (hidden_dim,) bool, the latents active in some top-k code.
+
+    What keeps it cheap: the top-k and top-4k come from one top-4k of the pre-activations (topk is
+    sorted, so its first k columns are the top-k), and x_hat_4k = x_hat_k + the rows of latents
+    k+1..4k, decoded by gathering rows of W; AuxK works on the dead latents' columns only (nothing
+    when none is dead) and never edits the pre-activations in place; the contrastive loss reads the
+    single view of the codes, which the official recipe recomputes as an identical second view.
     """
     h = head.config.hidden_dim
     x_in, mu, std = head.standardize(x)
-    pre = torch.nn.functional.linear(x_in - head.pre_bias, head.weight, head.latent_bias)  # (n, h)
+    pre = head.project(x_in)  # (n, h)
     top = pre.topk(min(4 * k, h), dim=1)
-    idx_4k, val_4k = top.indices, top.values.relu()  # (n, 4k)
+    idx_4k, val_4k = top.indices, top.values.relu()  # (n, 4k), largest first
     idx_k, val_k = idx_4k[:, :k], val_4k[:, :k]  # (n, k)
-    x_hat_k = head.decode(idx_k, val_k, std=std, mu=mu)
-    x_hat_4k = head.decode(idx_4k, val_4k, std=std, mu=mu)
-
-    aux = pre.masked_fill(~dead, -torch.inf).topk(min(head.config.k_aux, h), dim=1)
-    residual_hat = head.decode(aux.indices, aux.values.relu(), bias=False, std=std)
-    loss_aux = auxk_loss(x - x_hat_k.detach(), residual_hat, dead.any())
-
-    codes = sparse_to_dense(idx_k, val_k, h)  # (n, h): cosine similarities need the zero-filled rows
-    if mode == "supervised":
-        loss_cl = supervised_contrastive_loss(codes, labels, cfg.temperature)
-    elif mode == "self":
-        loss_cl = self_contrastive_loss(codes, cfg.temperature)
-    elif mode == "pairs":
-        queries, docs = codes.chunk(2)
-        loss_cl = pairs_contrastive_loss(queries, docs, cfg.temperature)
-    else:
-        loss_cl = torch.zeros((), device=x.device)
+    sum_k, sum_rest = head.decode_sums([(idx_k, val_k), (idx_4k[:, k:], val_4k[:, k:])])  # (n, d) each
+    scale = 1.0 if std is None else std
+    shift = head.pre_bias * scale + (0.0 if mu is None else mu)
+    x_hat_k = sum_k * scale + shift
+    x_hat_4k = (sum_k + sum_rest) * scale + shift
 
     losses = {
         "loss_k": reconstruction_loss(x, x_hat_k),
         "loss_4k": reconstruction_loss(x, x_hat_4k),
-        "loss_aux": loss_aux,
-        "loss_cl": loss_cl,
+        "loss_aux": _auxk(head, pre, dead, x - x_hat_k.detach(), scale),
+        "loss_cl": _contrastive(idx_k, val_k, h, mode, labels, cfg.temperature),
     }
     losses["loss"] = total_loss(**losses, multi_k_coef=cfg.multi_k_coef, aux_coef=cfg.aux_coef, cl_coef=cfg.cl_coef)
     fired = torch.zeros(h, device=x.device).index_add_(0, idx_k.reshape(-1), (val_k > 0).reshape(-1).float()) > 0
     return losses, fired
+
+
+def _auxk(head: SparseHead, pre: torch.Tensor, dead: torch.Tensor, residual: torch.Tensor, scale) -> torch.Tensor:
+    """AuxK on the dead latents' columns of pre: (n, h). residual: (n, d), gradient already stopped."""
+    dead_ids = dead.nonzero().squeeze(1)  # (n_dead,); with none dead the loss is 0 and costs nothing
+    if len(dead_ids) == 0:
+        return torch.zeros((), device=pre.device)
+    top = pre[:, dead_ids].topk(min(head.config.k_aux, len(dead_ids)), dim=1)  # among dead latents only
+    z = torch.zeros(len(pre), len(dead_ids), device=pre.device).scatter(1, top.indices, top.values.relu())
+    residual_hat = (z @ head.weight[dead_ids]) * scale  # (n, d): dense over the dead columns, which k_aux fills a good part of
+    return auxk_loss(residual, residual_hat, True)
+
+
+def _contrastive(idx: torch.Tensor, val: torch.Tensor, h: int, mode: str, labels, temperature: float) -> torch.Tensor:
+    """The contrastive loss on the k-sparse codes (idx, val): (n, k)."""
+    if mode == "none":
+        return torch.zeros((), device=val.device)
+    n, k = idx.shape
+    if mode == "pairs":
+        (qi, di), (qv, dv) = idx.chunk(2), val.chunk(2)
+    else:
+        qi, di, qv, dv = idx, idx, val, val
+    if 8 * k * k <= h and len(qi) * len(di) * k * k <= 2**26:  # the k^2 slot comparison beats a zero-filled product
+        logits = sparse_cosine(qi, qv, di, dv) / temperature
+    else:
+        logits = cosine_logits(sparse_to_dense(qi, qv, h), sparse_to_dense(di, dv, h), temperature)
+    if mode == "pairs":
+        return pairs_contrastive_from_logits(logits)
+    if mode == "self":
+        labels = torch.arange(n, device=val.device)
+    return supervised_contrastive_from_logits(logits, labels)
 
 
 def update_dead_counters(counters: torch.Tensor, fired: torch.Tensor) -> torch.Tensor:
@@ -145,7 +168,9 @@ class Trainer:
 
         generator = torch.Generator().manual_seed(train_config.seed)
         self.head = SparseHead(head_config, generator).to(self.device)
-        self.optimizer = torch.optim.Adam(self.head.parameters(), lr=train_config.lr, eps=train_config.adam_eps)
+        # The fused kernel does Adam's elementwise update in one pass (about 3x faster here on CPU).
+        fused = self.device.type in ("cpu", "cuda")
+        self.optimizer = torch.optim.Adam(self.head.parameters(), lr=train_config.lr, eps=train_config.adam_eps, fused=fused)
         self.step = 0
         self.counters = torch.zeros(h, dtype=torch.long, device=self.device)
         self.labels = None if data.labels is None else torch.from_numpy(data.labels)

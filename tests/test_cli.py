@@ -1,0 +1,143 @@
+"""`csrv2 train` / `csrv2 encode` end to end, and every bad input: one line on stderr, exit 2, nothing lost."""
+
+from __future__ import annotations
+
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from csrv2 import SparseCodes, load
+from csrv2.cli import main
+
+TRAIN = ["--hidden-dim", "64", "--epochs", "2", "--batch-size", "32", "--no-progress"]
+
+
+@pytest.fixture()
+def files(tmp_path):
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(4, 16))
+    y = rng.integers(0, 4, 128)
+    x = (centres[y] + 0.3 * rng.normal(size=(128, 16))).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    np.save(tmp_path / "e.npy", x)
+    np.save(tmp_path / "y.npy", y)
+    return tmp_path
+
+
+@pytest.fixture()
+def model(files):
+    assert main(["train", "--embeddings", str(files / "e.npy"), "--labels", str(files / "y.npy"), "--k", "2",
+                 "--out", str(files / "model"), *TRAIN]) == 0
+    return files / "model"
+
+
+def error_of(capsys, argv) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("csrv2: error: ") and "\n" not in err, err
+    return err
+
+
+def test_train_then_encode(files, model, capsys):
+    assert main(["encode", "--model", str(model), "--embeddings", str(files / "e.npy"), "--out", str(files / "c.npz")]) == 0
+    with np.load(files / "c.npz") as f:
+        assert f["indices"].shape == f["values"].shape == (128, 2)
+        assert f["indices"].dtype == np.int32 and f["values"].dtype == np.float32
+    codes = SparseCodes.load(files / "c.npz")
+    nnz = codes.nnz_per_row()
+    # exactly k non-zeros, fewer only where ReLU zeroed a negative pre-activation
+    assert ((nnz == 2) | (codes.values.min(axis=1) == 0)).all() and (nnz == 2).mean() > 0.9
+    head = load(model)
+    assert head.config.k == 2 and head.config.hidden_dim == 64
+    # any k at inference
+    assert main(["encode", "--model", str(model), "--embeddings", str(files / "e.npy"), "--k", "5", "--out", str(files / "c5.npz")]) == 0
+    assert SparseCodes.load(files / "c5.npz").k == 5
+
+
+def test_npz_with_named_arrays_and_pairs(files, capsys):
+    x = np.load(files / "e.npy")
+    np.savez(files / "d.npz", embeddings=x, labels=np.load(files / "y.npy").astype(str))
+    assert main(["train", "--embeddings", str(files / "d.npz"), "--k", "2", "--out", str(files / "m1"), *TRAIN]) == 0
+    np.savez(files / "p.npz", queries=x, documents=x[::-1].copy())
+    assert main(["train", "--embeddings", str(files / "p.npz"), "--preset", "csr", "--contrastive", "pairs", "--k", "2",
+                 "--out", str(files / "m2"), *TRAIN]) == 0
+    err = error_of(capsys, ["train", "--embeddings", str(_npz(files, other=x)), "--out", str(files / "m3"), *TRAIN])
+    assert "found arrays ['other']" in err and "embeddings" in err
+
+
+def _npz(folder, **arrays):
+    np.savez(folder / "x.npz", **arrays)
+    return folder / "x.npz"
+
+
+def test_help_explains_every_option():
+    out = subprocess.run([sys.executable, "-m", "csrv2", "train", "--help"], capture_output=True, text=True, check=True).stdout
+    for option in ["--k-init", "--decay-ratio", "--aux-coef", "--cl-coef", "--temperature", "--contrastive",
+                   "--checkpoint-every", "--dead-threshold", "--k-aux", "--preset", "--resume"]:
+        line = out[out.index(option):]
+        assert len(line.split("\n")[0]) > len(option) + 10 or len(line.split("\n")[1].strip()) > 10, option
+
+
+def test_bad_training_files(files, capsys):
+    x = np.load(files / "e.npy")
+    train = ["train", "--out", str(files / "run"), *TRAIN]
+    bad = x.copy()
+    bad[7, 0] = np.nan
+    np.save(files / "nan.npy", bad)
+    assert "row 7 has NaN or Inf" in error_of(capsys, [*train, "--embeddings", str(files / "nan.npy")])
+    np.save(files / "short.npy", np.arange(5))
+    assert "labels have shape (5,) but there are 128" in error_of(
+        capsys, [*train, "--embeddings", str(files / "e.npy"), "--labels", str(files / "short.npy")])
+    (files / "empty.npy").write_bytes(b"")
+    assert "empty" in error_of(capsys, [*train, "--embeddings", str(files / "empty.npy")])
+    (files / "junk.npy").write_bytes(b"not a numpy file at all")
+    assert "cannot be read" in error_of(capsys, [*train, "--embeddings", str(files / "junk.npy")])
+    (files / "obj.npy").write_bytes(pickle.dumps(x))
+    assert "pickled" in error_of(capsys, [*train, "--embeddings", str(files / "obj.npy")])
+    assert "no such file" in error_of(capsys, [*train, "--embeddings", str(files / "missing.npy")])
+    np.save(files / "zero.npy", np.zeros((0, 16), np.float32))
+    assert "empty" in error_of(capsys, [*train, "--embeddings", str(files / "zero.npy")])
+    assert "k must be an integer in [1, hidden_dim=64]" in error_of(capsys, [*train, "--embeddings", str(files / "e.npy"), "--k", "0"])
+    assert "k must be an integer in [1, hidden_dim=64]" in error_of(capsys, [*train, "--embeddings", str(files / "e.npy"), "--k", "65"])
+    assert "k_init (2) must be >= k (4)" in error_of(
+        capsys, [*train, "--embeddings", str(files / "e.npy"), "--k", "4", "--k-init", "2"])
+    assert not (files / "run").exists()  # every refusal came before any work
+
+
+def test_bad_model_folders(files, model, capsys):
+    encode = ["encode", "--embeddings", str(files / "e.npy"), "--out", str(files / "c.npz")]
+    np.save(files / "wide.npy", np.ones((3, 32), np.float32))
+    assert "expects (n, 16)" in error_of(capsys, ["encode", "--model", str(model), "--embeddings", str(files / "wide.npy"),
+                                                  "--out", str(files / "c.npz")])
+    assert "k must be an integer in [1, hidden_dim=64]" in error_of(capsys, [*encode, "--model", str(model), "--k", "65"])
+    assert "no such model folder" in error_of(capsys, [*encode, "--model", str(files / "nope")])
+
+    other = files / "other"
+    other.mkdir()
+    (other / "config.json").write_text('{"hidden_size": 768, "model_type": "bert"}')
+    assert "another tool" in error_of(capsys, [*encode, "--model", str(other)])
+
+    broken = files / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((model / "config.json").read_text())
+    assert "has no model.safetensors" in error_of(capsys, [*encode, "--model", str(broken)])
+    (broken / "pytorch_model.bin").write_bytes(pickle.dumps({"w": 1}))
+    assert "pickle" in error_of(capsys, [*encode, "--model", str(broken)])
+    (broken / "model.safetensors").write_bytes(pickle.dumps({"w": 1}))
+    assert "pickle" in error_of(capsys, [*encode, "--model", str(broken)])
+    assert not (files / "c.npz").exists()
+
+
+def test_failed_encode_keeps_the_old_output(files, model, capsys):
+    out = files / "c.npz"
+    assert main(["encode", "--model", str(model), "--embeddings", str(files / "e.npy"), "--out", str(out)]) == 0
+    before = out.read_bytes()
+    bad = np.load(files / "e.npy")
+    bad[100] = np.inf
+    np.save(files / "bad.npy", bad)
+    error_of(capsys, ["encode", "--model", str(model), "--embeddings", str(files / "bad.npy"), "--out", str(out)])
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in files.iterdir() if p.name.startswith(".")) == []  # no temporary files left

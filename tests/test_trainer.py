@@ -1,0 +1,167 @@
+"""The trainer: determinism, resume = uninterrupted, annealing and presets as logged, run-folder rules."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from csrv2 import InputError, TrainingData, load, train
+from csrv2.config import HeadConfig, preset
+from csrv2.trainer import Trainer
+
+
+def clustered(n=192, d=16, classes=4, seed=0):
+    """(n, d) unit vectors around `classes` centres, and their labels."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(classes, d))
+    labels = rng.integers(0, classes, n)
+    x = centres[labels] + 0.4 * rng.normal(size=(n, d))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), labels
+
+
+def log_lines(run):
+    return [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+
+
+SMALL = dict(k=2, hidden_dim=64, epochs=3, batch_size=32, log_every=1, progress=False)
+
+
+def test_same_seed_same_weights(tmp_path):
+    x, y = clustered()
+    a = train(x, y, **SMALL)
+    b = train(x, y, **SMALL)
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, monkeypatch):
+    x, y = clustered()
+    full = train(x, y, out=tmp_path / "full", checkpoint_every=4, **SMALL)
+
+    original = Trainer.train_step
+
+    def interrupted(self, *args):
+        if self.step == 11:  # the last checkpoint was written after step 8
+            raise KeyboardInterrupt
+        return original(self, *args)
+
+    monkeypatch.setattr(Trainer, "train_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(x, y, out=tmp_path / "cut", checkpoint_every=4, **SMALL)
+    assert (tmp_path / "cut" / "checkpoints" / "step-000000008").is_dir()
+    assert not (tmp_path / "cut" / "model.safetensors").exists()
+    monkeypatch.setattr(Trainer, "train_step", original)
+
+    resumed = train(x, y, out=tmp_path / "cut", checkpoint_every=4, resume=True, **SMALL)
+    for (name, p), q in zip(full.named_parameters(), resumed.parameters()):
+        assert torch.equal(p, q), name
+    # The log holds each step once, with the same values as the uninterrupted run's.
+    full_log, cut_log = log_lines(tmp_path / "full"), log_lines(tmp_path / "cut")
+    assert [r["step"] for r in cut_log] == list(range(1, 19))
+    assert [r["loss"] for r in cut_log] == pytest.approx([r["loss"] for r in full_log], abs=1e-6)
+    assert not (tmp_path / "cut" / "checkpoints").exists()
+    assert torch.equal(load(tmp_path / "cut").weight, full.weight)
+
+
+def test_annealing_and_presets_as_logged(tmp_path):
+    x, y = clustered(n=256)
+    train(x, y, out=tmp_path / "v2", **{**SMALL, "epochs": 10})
+    ks = [r["k"] for r in log_lines(tmp_path / "v2")]
+    assert ks[0] == 16  # k_init 64 capped at hidden_dim / 4
+    assert ks[-1] == 2 and ks == sorted(ks, reverse=True)
+    # 80 steps, k reached after 0.7 * 80 = 56; halfway there (step 28) k = (16 + 2) / 2.
+    assert len(ks) == 80 and ks[28] == 9 and set(ks[56:]) == {2} and ks[55] == 2 and ks[50] == 3
+    settings = json.loads((tmp_path / "v2" / "csrv2.json").read_text())
+    assert settings["contrastive"] == "supervised" and settings["k_init"] == 16
+
+    train(x, out=tmp_path / "v1", preset_name="csr", **SMALL)
+    assert {r["k"] for r in log_lines(tmp_path / "v1")} == {2}
+    assert json.loads((tmp_path / "v1" / "csrv2.json").read_text())["contrastive"] == "self"
+
+
+def test_pairs_training_uses_the_pairs_loss(tmp_path):
+    x, _ = clustered()
+    docs = x + 0.05 * np.random.default_rng(1).normal(size=x.shape).astype(np.float32)
+    head = train(x, documents=docs, out=tmp_path / "pairs", **SMALL)
+    assert json.loads((tmp_path / "pairs" / "csrv2.json").read_text())["contrastive"] == "pairs"
+    assert all(r["loss_cl"] > 0 for r in log_lines(tmp_path / "pairs"))
+    assert head.config.k == 2
+
+
+def test_dead_latents_are_counted_and_revived_by_auxk(tmp_path):
+    # Many latents and k = 1 leave most latents unused: they must be counted dead and AuxK must act.
+    x, y = clustered(n=256)
+    train(x, y, out=tmp_path / "run", k=1, hidden_dim=256, epochs=6, batch_size=32, log_every=1, progress=False,
+          anneal=False, dead_threshold=5)
+    log = log_lines(tmp_path / "run")
+    assert log[0]["dead_pct"] == 0 and log[0]["loss_aux"] == 0  # nothing can be dead before 5 steps
+    assert max(r["dead_pct"] for r in log) > 10
+    assert max(r["loss_aux"] for r in log) > 0
+
+
+def test_losses_fall(tmp_path):
+    x, y = clustered(n=512)
+    train(x, y, out=tmp_path / "run", k=4, hidden_dim=64, epochs=8, batch_size=64, progress=False, anneal=False, lr=3e-3)
+    log = log_lines(tmp_path / "run")
+    assert log[-1]["loss_k"] < 0.5 * log[0]["loss_k"]
+
+
+def test_run_folder_rules(tmp_path):
+    x, y = clustered(n=64)
+    out = tmp_path / "run"
+    train(x, y, out=out, **SMALL)
+    before = (out / "model.safetensors").read_bytes()
+    with pytest.raises(InputError, match="already holds a training run"):
+        train(x, y, out=out, **SMALL)
+    with pytest.raises(InputError, match="no checkpoint to resume"):
+        train(x, y, out=out, resume=True, **SMALL)
+    assert (out / "model.safetensors").read_bytes() == before  # refused runs leave the model as it was
+    train(x, y, out=out, overwrite=True, **{**SMALL, "seed": 1})
+    assert (out / "model.safetensors").read_bytes() != before
+
+
+def test_resume_with_other_options_is_refused(tmp_path, monkeypatch):
+    x, y = clustered()
+    original = Trainer.train_step
+
+    def interrupted(self, *args):
+        if self.step == 7:
+            raise KeyboardInterrupt
+        return original(self, *args)
+
+    monkeypatch.setattr(Trainer, "train_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train(x, y, out=tmp_path / "run", checkpoint_every=3, **SMALL)
+    monkeypatch.setattr(Trainer, "train_step", original)
+    with pytest.raises(InputError, match="lr"):
+        train(x, y, out=tmp_path / "run", checkpoint_every=3, resume=True, lr=1e-3, **SMALL)
+    with pytest.raises(InputError, match="samples"):
+        train(x[:100], y[:100], out=tmp_path / "run", checkpoint_every=3, resume=True, **SMALL)
+
+
+def test_bad_training_input_is_refused_before_work():
+    x, y = clustered(n=64)
+    with pytest.raises(InputError, match="labels have shape"):
+        TrainingData(x, y[:10])
+    bad = x.copy()
+    bad[5, 3] = np.nan
+    with pytest.raises(InputError, match="row 5 has NaN"):
+        TrainingData(bad)
+    bad[5, 3] = np.inf
+    with pytest.raises(InputError, match="row 5 has NaN or Inf"):
+        TrainingData(bad)
+    with pytest.raises(InputError, match="empty"):
+        TrainingData(np.zeros((0, 16), np.float32))
+    with pytest.raises(ValueError, match="k_init \\(1\\) must be >= k \\(2\\)"):
+        train(x, y, k_init=1, **{**SMALL})
+    with pytest.raises(ValueError, match="k must be an integer in \\[1, hidden_dim=64\\]"):
+        train(x, y, **{**SMALL, "k": 0})
+    with pytest.raises(ValueError, match="k must be an integer in \\[1, hidden_dim=64\\]"):
+        train(x, y, **{**SMALL, "k": 65})
+    with pytest.raises(InputError, match="needs labels"):
+        Trainer(HeadConfig(16, 64, 2), preset("csrv2", contrastive="supervised"), TrainingData(x))
+    with pytest.raises(InputError, match="input_dim"):
+        Trainer(HeadConfig(8, 64, 2), preset("csrv2"), TrainingData(x))
