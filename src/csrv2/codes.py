@@ -11,6 +11,7 @@ import scipy.sparse
 import torch
 from tqdm.auto import tqdm
 
+from .config import check_k
 from .errors import InputError
 from .head import SparseHead
 
@@ -58,7 +59,7 @@ class SparseCodes:
         rows = np.repeat(np.arange(len(self)), self.k)[keep]
         idx = torch.from_numpy(np.stack([rows, self.indices.ravel()[keep].astype(np.int64)]))
         vals = torch.from_numpy(np.ascontiguousarray(self.values.ravel()[keep]))
-        return torch.sparse_coo_tensor(idx, vals, (len(self), self.dim)).coalesce()
+        return torch.sparse_coo_tensor(idx, vals, (len(self), self.dim), check_invariants=False).coalesce()
 
     def to_dense(self) -> np.ndarray:
         """(n, dim) float32 zero-filled array; for small n only."""
@@ -97,6 +98,7 @@ def encode(
     (`progress=None`) or when asked. Raises `InputError` on a wrong dimension or non-finite values.
     """
     k = head.config.k if k is None else k
+    check_k(k, head.config.hidden_dim)
     if embeddings.ndim != 2 or embeddings.shape[1] != head.config.input_dim:
         raise InputError(
             f"embeddings have shape {tuple(embeddings.shape)} but the model expects (n, {head.config.input_dim}); "
@@ -110,7 +112,8 @@ def encode(
     indices = np.empty((n, k), dtype=np.int32)
     values = np.empty((n, k), dtype=np.float32)
     for start in tqdm(starts, desc="encode", unit="batch", disable=not show):
-        batch = torch.as_tensor(np.array(embeddings[start : start + batch_size], dtype=np.float32))
+        rows = embeddings[start : start + batch_size]
+        batch = rows.float() if isinstance(rows, torch.Tensor) else torch.from_numpy(np.array(rows, dtype=np.float32))
         if not torch.isfinite(batch).all():
             bad = start + int((~torch.isfinite(batch).all(dim=1)).nonzero()[0])
             raise InputError(f"embeddings row {bad} has NaN or Inf values; drop or fix that row before encoding")

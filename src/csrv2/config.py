@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import numbers
 from dataclasses import dataclass
 from typing import Literal
 
@@ -59,7 +60,7 @@ class HeadConfig:
 
 def check_k(k: int, hidden_dim: int, name: str = "k") -> None:
     """Raise a one-line `ValueError` unless 1 <= k <= hidden_dim."""
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= hidden_dim:
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= hidden_dim:
         raise ValueError(f"{name} must be an integer in [1, hidden_dim={hidden_dim}], got {k!r}")
 
 

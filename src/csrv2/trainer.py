@@ -92,7 +92,7 @@ def _auxk(head: SparseHead, pre: torch.Tensor, dead: torch.Tensor, residual: tor
     if len(dead_ids) == 0:
         return torch.zeros((), device=pre.device)
     top = pre[:, dead_ids].topk(min(head.config.k_aux, len(dead_ids)), dim=1)  # among dead latents only
-    z = torch.zeros(len(pre), len(dead_ids), device=pre.device).scatter(1, top.indices, top.values.relu())
+    z = torch.zeros(len(pre), len(dead_ids), dtype=pre.dtype, device=pre.device).scatter(1, top.indices, top.values.relu())
     residual_hat = (z @ head.weight[dead_ids]) * scale  # (n, d): dense over the dead columns, which k_aux fills a good part of
     return auxk_loss(residual, residual_hat, True)
 

@@ -1,0 +1,242 @@
+"""csrv2.trainer.step_losses against a naive dense reference, and the dead-latent bookkeeping.
+
+The 4k term guards against sentence-transformers' defect (PAPER.md): there the AuxK mask zeroed the
+pre-activations in place and the 4k reconstruction decoded an empty code.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import csrv2.trainer as trainer_module
+from csrv2.config import HeadConfig, TrainConfig
+from csrv2.data import TrainingData
+from csrv2.head import SparseHead
+from csrv2.losses import pairs_contrastive_loss, self_contrastive_loss, supervised_contrastive_loss
+from csrv2.trainer import Trainer, step_losses, update_dead_counters
+
+
+def dense_code(pre: torch.Tensor, k: int, allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """Zero-filled (n, h) code: per row, sort the (allowed) pre-activations, keep the top k, ReLU."""
+    n, h = pre.shape
+    z = torch.zeros(n, h, dtype=pre.dtype)
+    for i in range(n):
+        candidates = [j for j in range(h) if allowed is None or bool(allowed[j])]
+        ranked = sorted(candidates, key=lambda j: float(pre[i, j]), reverse=True)[:k]
+        for j in ranked:
+            z[i, j] = max(float(pre[i, j]), 0.0)
+    return z
+
+
+def naive_step(head: SparseHead, x: torch.Tensor, k: int, dead: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The CSRv2 reconstruction terms written out densely, in float64."""
+    W = head.encoder.weight.detach().double()
+    b_pre, b_lat = head.pre_bias.detach().double(), head.latent_bias.detach().double()
+    x = x.double()
+    if head.config.normalize:
+        mu = x.mean(dim=1, keepdim=True)
+        std = (x - mu).std(dim=1, keepdim=True)
+        x_in = (x - mu) / (std + 1e-5)
+    else:
+        mu, std, x_in = torch.zeros(len(x), 1, dtype=torch.float64), torch.ones(len(x), 1, dtype=torch.float64), x
+    pre = (x_in - b_pre) @ W.T + b_lat  # (n, h)
+    h = pre.shape[1]
+    z_k, z_4k = dense_code(pre, k), dense_code(pre, min(4 * k, h))
+    x_hat_k = (z_k @ W + b_pre) * std + mu
+    x_hat_4k = (z_4k @ W + b_pre) * std + mu
+    out = {
+        "pre": pre,
+        "z_k": z_k,
+        "z_4k": z_4k,
+        "loss_k": ((x - x_hat_k) ** 2).mean(),
+        "loss_4k": ((x - x_hat_4k) ** 2).mean(),
+    }
+    if bool(dead.any()):
+        z_aux = dense_code(pre, head.config.k_aux, allowed=dead)
+        residual = x - x_hat_k
+        residual_hat = (z_aux @ W) * std
+        mse = ((residual - residual_hat) ** 2).mean()
+        baseline = ((residual - residual.mean(dim=0, keepdim=True)) ** 2).mean()
+        out["loss_aux"] = mse / baseline
+    else:
+        out["loss_aux"] = torch.tensor(0.0, dtype=torch.float64)
+    return out
+
+
+def random_setup(make_head, embeddings, normalize=False):
+    head = make_head(input_dim=8, hidden_dim=32, k=2, k_aux=4, normalize=normalize, seed=3)
+    x = embeddings(6, 8, seed=4)
+    dead = torch.zeros(32, dtype=torch.bool)
+    dead[[0, 5, 6, 11, 17, 20, 29]] = True
+    return head, x, dead
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_step_losses_match_naive_reference(make_head, embeddings, normalize):
+    head, x, dead = random_setup(make_head, embeddings, normalize)
+    losses, _ = step_losses(head, x, 2, dead, TrainConfig(), "none")
+    ref = naive_step(head, x, 2, dead)
+    for name in ("loss_k", "loss_4k", "loss_aux"):
+        assert losses[name].item() == pytest.approx(ref[name].item(), rel=1e-5), name
+    assert losses["loss_cl"].item() == 0.0
+    cfg = TrainConfig()
+    expected = ref["loss_k"] + cfg.multi_k_coef * ref["loss_4k"] + cfg.aux_coef * ref["loss_aux"]
+    assert losses["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_step_losses_4k_code_is_not_empty(make_head, embeddings):
+    head, x, dead = random_setup(make_head, embeddings)
+    losses, _ = step_losses(head, x, 2, dead, TrainConfig(), "none")
+    ref = naive_step(head, x, 2, dead)
+    assert ((ref["z_4k"] > 0).sum(dim=1) == 8).all()  # the example's 4k codes are full: 4k = 8 non-zeros
+    empty = ((x - head.pre_bias.detach()) ** 2).mean()  # MSE of an empty code: x_hat = b_pre
+    assert losses["loss_4k"].item() != pytest.approx(empty.item(), rel=1e-3)
+    assert losses["loss_4k"].item() != pytest.approx(losses["loss_k"].item(), rel=1e-3)
+    # the 4k term does not depend on which latents are dead (no in-place masking of the pre-activations)
+    alive, _ = step_losses(head, x, 2, torch.zeros(32, dtype=torch.bool), TrainConfig(), "none")
+    all_dead, _ = step_losses(head, x, 2, torch.ones(32, dtype=torch.bool), TrainConfig(), "none")
+    for other in (alive, all_dead):
+        assert torch.equal(other["loss_4k"], losses["loss_4k"]) and torch.equal(other["loss_k"], losses["loss_k"])
+    assert alive["loss_aux"].item() == 0.0
+
+
+def test_step_losses_4k_beats_k_beats_empty_on_orthogonal_head():
+    # d = 4, h = 16, k = 1: rows 0-3 are an orthonormal basis Q, rows 4-7 are -Q, rows 8-15 random but
+    # held off by a latent bias of -10. For r = x - b_pre the positive one of +-q_i . r wins for each i,
+    # so the top-4k (= 4) code reconstructs x exactly and the top-k code keeps one coordinate only.
+    d, h = 4, 16
+    g = torch.Generator().manual_seed(0)
+    head = SparseHead(HeadConfig(input_dim=d, hidden_dim=h, k=1, k_aux=2), generator=g)
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g))
+    with torch.no_grad():
+        head.encoder.weight[:d] = q.T
+        head.encoder.weight[d : 2 * d] = -q.T
+        head.latent_bias[2 * d :] = -10.0
+        head.pre_bias.copy_(0.3 * torch.randn(d, generator=g))
+    x = torch.randn(5, d, generator=g)
+    dead = torch.zeros(h, dtype=torch.bool)
+    dead[[1, 6, 9, 12]] = True
+    losses, _ = step_losses(head, x, 1, dead, TrainConfig(), "none")
+    ref = naive_step(head, x, 1, dead)
+    empty = ((x - head.pre_bias.detach()) ** 2).mean().item()
+    assert losses["loss_4k"].item() == pytest.approx(0.0, abs=1e-10)
+    assert losses["loss_4k"].item() == pytest.approx(ref["loss_4k"].item(), abs=1e-10)
+    assert losses["loss_k"].item() == pytest.approx(ref["loss_k"].item(), rel=1e-5)
+    assert 0.0 < losses["loss_k"].item() < empty
+    assert losses["loss_4k"].item() < empty
+
+
+# k = 1, 2 and 3 at hidden_dim 32: small k may take a k^2 slot-matching path, larger k a zero-filled one.
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("mode", ["supervised", "self", "pairs"])
+def test_step_losses_contrastive_on_the_k_sparse_codes(make_head, embeddings, mode, k):
+    head, x, dead = random_setup(make_head, embeddings)
+    with torch.no_grad():
+        head.latent_bias.copy_(-0.2 - 0.1 * head.latent_bias.abs())  # all latent biases negative ...
+        x[4] = head.pre_bias  # ... so row 4 (x - b_pre = 0) has pre = b_lat < 0 and an all-zero code
+    labels = torch.tensor([0, 1, 0, 2, 1, 0])
+    cfg = TrainConfig(temperature=0.3)
+    losses, _ = step_losses(head, x, k, dead, cfg, mode, labels if mode == "supervised" else None)
+    z_k = naive_step(head, x, k, dead)["z_k"].float()
+    assert (z_k[4] == 0).all() and (z_k.sum(dim=1) > 0).sum() == 5  # one all-zero code in the batch
+    expected = {
+        "supervised": lambda: supervised_contrastive_loss(z_k, labels, 0.3),
+        "self": lambda: self_contrastive_loss(z_k, 0.3),
+        "pairs": lambda: pairs_contrastive_loss(z_k[:3], z_k[3:], 0.3),  # queries then their documents
+    }[mode]()
+    assert losses["loss_cl"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert losses["loss_cl"].item() > 0
+    losses["loss"].backward()
+    assert all(torch.isfinite(p.grad).all() for p in head.parameters())
+
+
+def test_step_losses_float64_head_matches_reference(make_head, embeddings):
+    """A float64 head (which `encode` supports) must train too, with dead latents present."""
+    head, x, dead = random_setup(make_head, embeddings)
+    head = head.double()
+    losses, _ = step_losses(head, x.double(), 2, dead, TrainConfig(), "self")
+    ref = naive_step(head, x, 2, dead)
+    for name in ("loss_k", "loss_4k", "loss_aux"):
+        assert losses[name].item() == pytest.approx(ref[name].item(), rel=1e-9), name
+
+
+def test_step_losses_leaves_head_and_input_unchanged(make_head, embeddings):
+    head, x, dead = random_setup(make_head, embeddings)
+    x_before, dead_before = x.clone(), dead.clone()
+    params = {name: p.detach().clone() for name, p in head.named_parameters()}
+    losses, _ = step_losses(head, x, 2, dead, TrainConfig(), "self")
+    for name, p in head.named_parameters():
+        assert torch.equal(p.detach(), params[name]), name
+        assert p.grad is None
+    assert torch.equal(x, x_before) and torch.equal(dead, dead_before)
+    losses["loss"].backward()  # and the graph reaches every parameter with finite gradients
+    for name, p in head.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
+def test_step_losses_fired_marks_latents_with_positive_topk_values(make_head, embeddings):
+    head = make_head(input_dim=8, hidden_dim=32, k=2, seed=3)
+    g = torch.Generator().manual_seed(9)
+    with torch.no_grad():
+        head.latent_bias.copy_(-0.1 - 0.5 * torch.rand(32, generator=g))  # all negative
+    x = embeddings(6, 8, seed=4)
+    x[0] = head.pre_bias.detach()  # row 0: pre = latent_bias < 0, so its top-k values are all 0
+    k = 3
+    _, fired = step_losses(head, x, k, torch.zeros(32, dtype=torch.bool), TrainConfig(), "none")
+    z_k = naive_step(head, x, k, torch.zeros(32, dtype=torch.bool))["z_k"]
+    expected = (z_k > 0).any(dim=0)
+    assert fired.dtype == torch.bool and fired.shape == (32,)
+    assert torch.equal(fired, expected)
+    # the example covers the case that matters: a latent in some top-k with value 0 and nowhere else
+    row0_topk = head.latent_bias.detach().topk(k).indices
+    assert not fired[row0_topk].all()
+
+
+# --- dead-latent counters ----------------------------------------------------------------------
+
+
+def test_update_dead_counters_resets_fired_and_counts_the_rest():
+    counters = torch.tensor([0, 3, 30, 31, 7])
+    fired = torch.tensor([True, False, False, True, False])
+    new = update_dead_counters(counters, fired)
+    assert new.tolist() == [0, 4, 31, 0, 8]
+    assert counters.tolist() == [0, 3, 30, 31, 7]  # a new tensor, input untouched
+
+
+def test_dead_after_more_than_dead_threshold_steps_without_firing():
+    threshold = HeadConfig(input_dim=4).dead_threshold
+    assert threshold == 30
+    counters = torch.zeros(3, dtype=torch.long)
+    never, always = torch.zeros(3, dtype=torch.bool), torch.ones(3, dtype=torch.bool)
+    for _ in range(30):
+        counters = update_dead_counters(counters, never)
+    assert counters.tolist() == [30, 30, 30]
+    assert not (counters > threshold).any()  # 30 steps without firing: not yet dead
+    counters = update_dead_counters(counters, never)
+    assert (counters > threshold).all()  # 31 steps: dead
+    counters = update_dead_counters(counters, torch.tensor([True, False, False]))
+    assert (counters > threshold).tolist() == [False, True, True]
+    assert update_dead_counters(counters, always).tolist() == [0, 0, 0]
+
+
+def test_trainer_dead_mask_boundary(monkeypatch):
+    """The trainer passes dead = counters > dead_threshold to step_losses: 30 is alive, 31 is dead."""
+    head_config = HeadConfig(input_dim=4, hidden_dim=8, k=1, dead_threshold=30)
+    data = TrainingData(np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32))
+    trainer = Trainer(head_config, TrainConfig(epochs=1, batch_size=4, device="cpu", contrastive="none"), data, progress=False)
+    trainer.counters = torch.tensor([0, 29, 30, 31, 32, 100, 30, 31])
+    assert trainer.dead_fraction() == pytest.approx(4 / 8)
+
+    seen = {}
+    real = trainer_module.step_losses
+
+    def spy(head, x, k, dead, cfg, mode, labels=None):
+        seen["dead"] = dead.clone()
+        return real(head, x, k, dead, cfg, mode, labels)
+
+    monkeypatch.setattr(trainer_module, "step_losses", spy)
+    x = torch.from_numpy(data.embeddings[:4])
+    trainer.train_step(x, None, 1)
+    assert seen["dead"].tolist() == [False, False, False, True, True, True, False, True]
