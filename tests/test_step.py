@@ -54,7 +54,8 @@ def naive_step(head: SparseHead, x: torch.Tensor, k: int, dead: torch.Tensor) ->
         "loss_4k": ((x - x_hat_4k) ** 2).mean(),
     }
     if bool(dead.any()):
-        z_aux = dense_code(pre, head.config.k_aux, allowed=dead)
+        fired = (z_k > 0).any(dim=0)  # a latent that fires in this batch is not dead for its AuxK
+        z_aux = dense_code(pre, head.config.k_aux, allowed=dead & ~fired)
         residual = x - x_hat_k
         residual_hat = (z_aux @ W) * std
         mse = ((residual - residual_hat) ** 2).mean()

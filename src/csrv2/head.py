@@ -56,13 +56,15 @@ class SparseHead(nn.Module):
         return self.project(self.standardize(x)[0])
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
-        """Standardized x: (batch, input_dim) -> (batch, hidden_dim) = W x - W b_pre + b_lat; the one encoder product.
+        """Standardized x: (batch, input_dim) -> (batch, hidden_dim) = W (x - b_pre) + b_lat; the one encoder product.
 
-        Written as W x + (b_lat - W b_pre) rather than W (x - b_pre): b_pre's gradient then costs a
-        matrix-vector product, where through x - b_pre autograd would compute a full (batch, hidden_dim)
-        x (hidden_dim, input_dim) product for it.
+        Autograd through `x - b_pre` would compute the full (batch, hidden_dim) x (hidden_dim,
+        input_dim) product G W just to sum it into b_pre's gradient, -W^T sum_i g_i. Here the product
+        reads a detached b_pre and b_pre's gradient flows through W_detached (b_pre_detached - b_pre),
+        which is exactly zero in value and costs one matrix-vector product in the backward pass.
         """
-        return F.linear(x, self.encoder.weight, self.latent_bias - self.encoder.weight @ self.pre_bias)
+        w, b = self.encoder.weight, self.pre_bias
+        return F.linear(x - b.detach(), w, self.latent_bias + w.detach() @ (b.detach() - b))
 
     def decode(
         self, indices: torch.Tensor, values: torch.Tensor, *, bias: bool = True, std: torch.Tensor | None = None,
@@ -86,14 +88,24 @@ class SparseHead(nn.Module):
     def decode_sums(self, codes: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
         """W^T z for several code sets at once: [(indices (batch, k_i), values (batch, k_i))] -> [(batch, input_dim)].
 
-        One gather of rows of W over all the sets, so the backward pass builds W's (hidden_dim,
-        input_dim) gradient once instead of once per set.
+        Few non-zeros (all sets together at most hidden_dim / 32 per row): one gather of rows of W
+        (embedding_bag), so the backward pass builds W's gradient once for all sets. More: the sets
+        are zero-filled and stacked into one (sets * batch, hidden_dim) x (hidden_dim, input_dim)
+        product, which on CPU beats gathering beyond about that many rows.
         """
-        batch = codes[0][0].shape[0]
+        batch, widths = codes[0][0].shape[0], [idx.shape[1] for idx, _ in codes]
+        if sum(widths) * 32 > self.config.hidden_dim:
+            z = torch.cat([torch.zeros(batch, self.config.hidden_dim, dtype=val.dtype, device=val.device).scatter(1, idx, val)
+                           for idx, val in codes])  # (sets * batch, hidden_dim)
+            return list((z @ self.encoder.weight).split(batch))
         flat_idx = torch.cat([idx.reshape(-1) for idx, _ in codes]).long()
         flat_val = torch.cat([val.reshape(-1) for _, val in codes])
-        sizes = torch.tensor([idx.shape[1] for idx, _ in codes], device=flat_idx.device).repeat_interleave(batch)
-        offsets = torch.cumsum(sizes, 0) - sizes  # (sets * batch,) start of each bag
+        # one bag per (set, row); widths are Python ints, so the offsets need no device round trip
+        starts = [0]
+        for width in widths:
+            starts.append(starts[-1] + batch * width)
+        offsets = torch.cat([torch.arange(start, end, width, device=flat_idx.device)
+                             for start, end, width in zip(starts, starts[1:], widths)])
         out = F.embedding_bag(flat_idx, self.encoder.weight, offsets, mode="sum", per_sample_weights=flat_val)
         return list(out.split(batch))
 

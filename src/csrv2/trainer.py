@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import __version__
@@ -26,7 +27,6 @@ from .errors import InputError
 from .head import SparseHead
 from .losses import (
     auxk_loss,
-    cosine_logits,
     pairs_contrastive_from_logits,
     reconstruction_loss,
     sparse_cosine,
@@ -59,7 +59,7 @@ def step_losses(
 
     What keeps it cheap: the top-k and top-4k come from one top-4k of the pre-activations (topk is
     sorted, so its first k columns are the top-k), and x_hat_4k = x_hat_k + the rows of latents
-    k+1..4k, decoded by gathering rows of W; AuxK works on the dead latents' columns only (nothing
+    k+1..4k, decoded by gathering rows of W when k is small; AuxK works on the dead latents' columns only (nothing
     when none is dead) and never edits the pre-activations in place; the contrastive loss reads the
     single view of the codes, which the official recipe recomputes as an identical second view.
     """
@@ -75,26 +75,35 @@ def step_losses(
     x_hat_k = sum_k * scale + shift
     x_hat_4k = (sum_k + sum_rest) * scale + shift
 
+    fired = torch.zeros(h, device=x.device).index_add_(0, idx_k.reshape(-1), (val_k > 0).reshape(-1).float()) > 0
     losses = {
         "loss_k": reconstruction_loss(x, x_hat_k),
         "loss_4k": reconstruction_loss(x, x_hat_4k),
-        "loss_aux": _auxk(head, pre, dead, x - x_hat_k.detach(), scale),
+        # a latent that fires in this batch is not dead for it (as in the official recipe, whose
+        # counters are updated by the top-k before AuxK reads them)
+        "loss_aux": _auxk(head, pre, dead & ~fired, x - x_hat_k.detach(), scale),
         "loss_cl": _contrastive(idx_k, val_k, h, mode, labels, cfg.temperature),
     }
     losses["loss"] = total_loss(**losses, multi_k_coef=cfg.multi_k_coef, aux_coef=cfg.aux_coef, cl_coef=cfg.cl_coef)
-    fired = torch.zeros(h, device=x.device).index_add_(0, idx_k.reshape(-1), (val_k > 0).reshape(-1).float()) > 0
     return losses, fired
 
 
 def _auxk(head: SparseHead, pre: torch.Tensor, dead: torch.Tensor, residual: torch.Tensor, scale) -> torch.Tensor:
-    """AuxK on the dead latents' columns of pre: (n, h). residual: (n, d), gradient already stopped."""
+    """AuxK from the dead latents' pre-activations. pre: (n, h); residual: (n, d), gradient already stopped."""
     dead_ids = dead.nonzero().squeeze(1)  # (n_dead,); with none dead the loss is 0 and costs nothing
-    if len(dead_ids) == 0:
+    n_dead, h = len(dead_ids), head.config.hidden_dim
+    if n_dead == 0:
         return torch.zeros((), device=pre.device)
-    top = pre[:, dead_ids].topk(min(head.config.k_aux, len(dead_ids)), dim=1)  # among dead latents only
-    z = torch.zeros(len(pre), len(dead_ids), dtype=pre.dtype, device=pre.device).scatter(1, top.indices, top.values.relu())
-    residual_hat = (z @ head.weight[dead_ids]) * scale  # (n, d): dense over the dead columns, which k_aux fills a good part of
-    return auxk_loss(residual, residual_hat, True)
+    k_aux = min(head.config.k_aux, n_dead)
+    if 2 * n_dead <= h:  # few dead: work on their columns only, a (n, n_dead) x (n_dead, d) product
+        top = pre[:, dead_ids].topk(k_aux, dim=1)
+        z = torch.zeros(len(pre), n_dead, dtype=pre.dtype, device=pre.device).scatter(1, top.indices, top.values.relu())
+        weight = head.weight[dead_ids]
+    else:  # most dead: selecting columns would cost more than it saves; mask a copy of pre instead
+        top = pre.masked_fill(~dead, -torch.inf).topk(k_aux, dim=1)
+        z = torch.zeros_like(pre).scatter(1, top.indices, top.values.relu())
+        weight = head.weight
+    return auxk_loss(residual, (z @ weight) * scale, True)
 
 
 def _contrastive(idx: torch.Tensor, val: torch.Tensor, h: int, mode: str, labels, temperature: float) -> torch.Tensor:
@@ -106,10 +115,11 @@ def _contrastive(idx: torch.Tensor, val: torch.Tensor, h: int, mode: str, labels
         (qi, di), (qv, dv) = idx.chunk(2), val.chunk(2)
     else:
         qi, di, qv, dv = idx, idx, val, val
-    if 8 * k * k <= h and len(qi) * len(di) * k * k <= 2**26:  # the k^2 slot comparison beats a zero-filled product
+    if k <= 4:  # comparing k^2 slot pairs beats a zero-filled product (measured on CPU, h = 1536)
         logits = sparse_cosine(qi, qv, di, dv) / temperature
-    else:
-        logits = cosine_logits(sparse_to_dense(qi, qv, h), sparse_to_dense(di, dv, h), temperature)
+    else:  # normalise the k values first: the zero-filled rows then need no normalisation of their own
+        q = sparse_to_dense(qi, F.normalize(qv, dim=-1), h)
+        logits = q @ (q if mode != "pairs" else sparse_to_dense(di, F.normalize(dv, dim=-1), h)).T / temperature
     if mode == "pairs":
         return pairs_contrastive_from_logits(logits)
     if mode == "self":
