@@ -87,7 +87,7 @@ def main() -> None:
         test_codes.save(out / f"{preset}-k{args.k}-test-codes.npz")
         dead = 100 * (1 - len(np.unique(test_codes.indices[test_codes.values > 0])) / head.config.hidden_dim)
         acc = accuracy(train_codes.to_scipy(), train_y, test_codes.to_scipy(), test_y)
-        rows.append((f"{preset.upper()} k = {args.k}", args.k, acc, dead))
+        rows.append((f"{ {'csr': 'CSR', 'csrv2': 'CSRv2-linear'}[preset]} k = {args.k}", args.k, acc, dead))
 
     print(f"\nBBC News, {len(train_rows)} train / {len(test_rows)} test articles, logistic regression accuracy")
     print(f"| {'representation':<24} | active dims | accuracy | latents unused on test |")
