@@ -70,11 +70,10 @@ class SparseHead(nn.Module):
         self, indices: torch.Tensor, values: torch.Tensor, *, bias: bool = True, std: torch.Tensor | None = None,
         mu: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Sparse codes -> reconstruction, gathering only the k rows of W each code uses.
+        """Sparse codes -> reconstruction W^T z + b_pre; small k gathers only the k rows of W each code uses.
 
-        indices: (batch, k) int, values: (batch, k) float -> (batch, input_dim). Never builds the
-        zero-filled (batch, hidden_dim) matrix. `bias=False` leaves out b_pre (AuxK decodes a residual);
-        `std`/`mu` (batch, 1) undo `standardize`.
+        indices: (batch, k) int, values: (batch, k) float -> (batch, input_dim). `bias=False` leaves
+        out b_pre; `std`/`mu` (batch, 1) undo `standardize`.
         """
         out = self.decode_sums([(indices, values)])[0]
         if bias:

@@ -58,10 +58,10 @@ def step_losses(
     (hidden_dim,) bool, the latents active in some top-k code.
 
     What keeps it cheap: the top-k and top-4k come from one top-4k of the pre-activations (topk is
-    sorted, so its first k columns are the top-k), and x_hat_4k = x_hat_k + the rows of latents
-    k+1..4k, decoded by gathering rows of W when k is small; AuxK works on the dead latents' columns only (nothing
-    when none is dead) and never edits the pre-activations in place; the contrastive loss reads the
-    single view of the codes, which the official recipe recomputes as an identical second view.
+    sorted, so its first k columns are the top-k); x_hat_4k = x_hat_k + the rows of latents
+    k+1..4k, decoded by gathering rows of W when k is small; AuxK reads only dead latents (costs
+    nothing when none is dead) and never edits the pre-activations in place; the contrastive loss
+    reads the single view of the codes, which the official recipe recomputes as an identical copy.
     """
     h = head.config.hidden_dim
     x_in, mu, std = head.standardize(x)
@@ -184,6 +184,7 @@ class Trainer:
         self.step = 0
         self.counters = torch.zeros(h, dtype=torch.long, device=self.device)
         self.labels = None if data.labels is None else torch.from_numpy(data.labels)
+        self._order: tuple[int, np.ndarray | None] = (-1, None)  # (epoch, its data order)
 
     # --- the loop, top to bottom -------------------------------------------------------------
     def fit(self) -> SparseHead:
@@ -232,7 +233,9 @@ class Trainer:
     # --- named steps ---------------------------------------------------------------------------
     def _batch(self, epoch: int, position: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Rows of batch `position` of `epoch`; the order is a function of (seed, epoch) alone, so resuming replays it."""
-        order = np.random.default_rng([self.cfg.seed, epoch]).permutation(len(self.data))
+        if self._order[0] != epoch:  # one permutation per epoch, drawn when the epoch starts
+            self._order = (epoch, np.random.default_rng([self.cfg.seed, epoch]).permutation(len(self.data)))
+        order = self._order[1]
         b = self.cfg.batch_size
         rows = np.sort(order[position * b : (position + 1) * b])  # sorted: contiguous reads from a memory map
         x = np.asarray(self.data.embeddings[rows], dtype=np.float32)
