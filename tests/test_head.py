@@ -218,3 +218,28 @@ def test_normalize_round_trip(embeddings):
     ref = (naive_decode(head, z_idx, z_val).float()) * std + mu
     assert torch.allclose(head.decode(z_idx, z_val, std=std, mu=mu), ref, atol=1e-5)
     assert torch.allclose(ref, ((x_std - b).relu() - (b - x_std).relu() + b) * std + mu, atol=1e-5)
+
+
+@pytest.mark.parametrize("hidden_dim, width", [(512, 4), (512, 64), (64, 8)])  # few entries per bag, and many
+def test_gather_decode_gradients_match_dense_reference(hidden_dim, width):
+    """decode_sums' hand-written backward (both of its paths) against autograd through a zero-filled product."""
+    g = torch.Generator().manual_seed(0)
+    head = SparseHead(HeadConfig(input_dim=12, hidden_dim=hidden_dim, k=2), generator=g).double()
+    idx_a = torch.rand(5, hidden_dim, generator=g).topk(width, dim=1).indices
+    idx_b = torch.rand(5, hidden_dim, generator=g).topk(3, dim=1).indices
+    val_a = torch.rand(5, width, generator=g, dtype=torch.float64, requires_grad=True)
+    val_b = torch.rand(5, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    out_a, out_b = head.decode_sums([(idx_a, val_a), (idx_b, val_b)])
+    target = torch.randn(5, 12, generator=g, dtype=torch.float64)
+    ((out_a - target) ** 2 + out_b * target).sum().backward()
+    fast = (head.encoder.weight.grad.clone(), val_a.grad.clone(), val_b.grad.clone())
+
+    head.encoder.weight.grad, val_a.grad, val_b.grad = None, None, None
+    W = head.encoder.weight
+    dense = lambda idx, val: torch.zeros(5, hidden_dim, dtype=torch.float64).scatter(1, idx, val) @ W  # noqa: E731
+    ref_a, ref_b = dense(idx_a, val_a), dense(idx_b, val_b)
+    torch.testing.assert_close(out_a, ref_a)
+    torch.testing.assert_close(out_b, ref_b)
+    ((ref_a - target) ** 2 + ref_b * target).sum().backward()
+    for got, want in zip(fast, (W.grad, val_a.grad, val_b.grad)):
+        torch.testing.assert_close(got, want)
