@@ -104,6 +104,8 @@ def test_bad_training_files(files, capsys):
     assert "k must be an integer in [1, hidden_dim=64]" in error_of(capsys, [*train, "--embeddings", str(files / "e.npy"), "--k", "65"])
     assert "k_init (2) must be >= k (4)" in error_of(
         capsys, [*train, "--embeddings", str(files / "e.npy"), "--k", "4", "--k-init", "2"])
+    assert "not available on this machine" in error_of(capsys, [*train, "--embeddings", str(files / "e.npy"), "--device", "mps"])
+    assert "not a device name" in error_of(capsys, [*train, "--embeddings", str(files / "e.npy"), "--device", "gpu0"])
     assert not (files / "run").exists()  # every refusal came before any work
 
 
@@ -114,6 +116,7 @@ def test_bad_model_folders(files, model, capsys):
                                                   "--out", str(files / "c.npz")])
     assert "k must be an integer in [1, hidden_dim=64]" in error_of(capsys, [*encode, "--model", str(model), "--k", "65"])
     assert "no such model folder" in error_of(capsys, [*encode, "--model", str(files / "nope")])
+    assert "batch_size must be >= 1" in error_of(capsys, [*encode, "--model", str(model), "--batch-size", "0"])
 
     other = files / "other"
     other.mkdir()

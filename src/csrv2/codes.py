@@ -99,6 +99,8 @@ def encode(
     """
     k = head.config.k if k is None else k
     check_k(k, head.config.hidden_dim)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if embeddings.ndim != 2 or embeddings.shape[1] != head.config.input_dim:
         raise InputError(
             f"embeddings have shape {tuple(embeddings.shape)} but the model expects (n, {head.config.input_dim}); "

@@ -151,13 +151,16 @@ def resolve_k_init(k_init: int | None, k: int, hidden_dim: int) -> int:
 
 def resolve_device(spec: str | None = "auto") -> torch.device:
     """A `torch.device` from a name; "auto" (or None) is the machine's accelerator if it has one, else cpu."""
+    accelerator = torch.accelerator.current_accelerator() if hasattr(torch, "accelerator") else None
     if spec in (None, "auto"):
-        accelerator = torch.accelerator.current_accelerator() if hasattr(torch, "accelerator") else None
         return accelerator if accelerator is not None else torch.device("cpu")
     try:
-        return torch.device(spec)
+        device = torch.device(spec)
     except RuntimeError as e:
         raise ValueError(f"device {spec!r} is not a device name ({e}); use auto, cpu, cuda, cuda:N or mps") from e
+    if device.type != "cpu" and (accelerator is None or accelerator.type != device.type):
+        raise ValueError(f"device {spec!r} is not available on this machine; use auto or cpu")
+    return device
 
 
 def field_docs(cls) -> dict[str, str]:
