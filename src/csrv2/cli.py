@@ -10,24 +10,23 @@ import sys
 
 import numpy as np
 
-from .config import PRESETS, HeadConfig, TrainConfig, field_docs
+from .config import CONTRASTIVE_MODES, PRESETS, HeadConfig, TrainConfig, field_docs
 
 HEAD_OPTIONS = ("k", "hidden_dim", "k_aux", "normalize", "dead_threshold")
 
 
-def _add_dataclass_options(parser: argparse.ArgumentParser, cls, names=None, defaults=None) -> None:
+def _add_dataclass_options(parser: argparse.ArgumentParser, cls, names=None) -> None:
     """One --option per dataclass field, its help the field's docstring; unset options stay None."""
     docs = field_docs(cls)
     for f in dataclasses.fields(cls):
         if names is not None and f.name not in names:
             continue
         flag = "--" + f.name.replace("_", "-")
-        default = (defaults or {}).get(f.name, f.default)
-        help_text = docs.get(f.name, "") + ("" if default is None else f" (default: {default})")
+        help_text = docs.get(f.name, "") + ("" if f.default is None else f" (default: {f.default})")
         if f.type in (bool, "bool"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif f.name == "contrastive":
-            parser.add_argument(flag, choices=["auto", "supervised", "pairs", "self", "none"], default=None, help=help_text)
+            parser.add_argument(flag, choices=CONTRASTIVE_MODES, default=None, help=help_text)
         else:
             kind = {"int": int, "float": float, "str": str, "int | None": int}.get(str(f.type), str)
             parser.add_argument(flag, type=kind, default=None, metavar=f.name.upper(), help=help_text)
@@ -60,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     train.add_argument("--preset", choices=PRESETS, default="csrv2", help="csrv2: k-annealing + supervised (labels) or pairs (documents) contrastive; csr: CSR v1, fixed k, self-supervised contrastive (default: csrv2)")
     head = train.add_argument_group("sparse head")
-    _add_dataclass_options(head, HeadConfig, HEAD_OPTIONS, defaults={"k": 8})
+    _add_dataclass_options(head, HeadConfig, HEAD_OPTIONS)
     opt = train.add_argument_group("training (defaults: the csrv2 preset)")
     _add_dataclass_options(opt, TrainConfig)
 
@@ -111,7 +110,7 @@ def run_encode(args: argparse.Namespace) -> None:
 
     head = load_head(args.model, resolve_device(args.device))
     embeddings = load_array(args.embeddings)
-    codes = encode(head, embeddings, args.k, batch_size=args.batch_size, progress=None if not args.no_progress else False)
+    codes = encode(head, embeddings, args.k, batch_size=args.batch_size, progress=False if args.no_progress else None)
     codes.save(args.out)
     nnz = codes.nnz_per_row()
     print(f"wrote {args.out}: {len(codes)} codes, k = {codes.k}, non-zeros per row {nnz.min()}..{nnz.max()} (mean {np.mean(nnz):.2f})")
