@@ -13,12 +13,14 @@ from .config import HeadConfig, TrainConfig, preset  # noqa: E402
 from .data import TrainingData, load_training_data  # noqa: E402
 from .errors import InputError  # noqa: E402
 from .head import SparseHead  # noqa: E402
+from .index import InvertedIndex  # noqa: E402
 from .model import load_head as load, save_head as save  # noqa: E402
 from .trainer import Trainer, train  # noqa: E402
 
 __all__ = [
     "HeadConfig",
     "InputError",
+    "InvertedIndex",
     "SparseCodes",
     "SparseHead",
     "TrainConfig",
