@@ -40,17 +40,6 @@ def cosine_logits(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch
     return F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T / temperature
 
 
-def sparse_cosine(indices: torch.Tensor, values: torch.Tensor, indices_b: torch.Tensor, values_b: torch.Tensor) -> torch.Tensor:
-    """Cosine similarities of k-sparse codes without zero-filling them: (n, k), (m, k) pairs -> (n, m).
-
-    cos(z_i, z_j) = sum over slots a, b of v_ia v_jb [idx_ia == idx_jb] / (|v_i| |v_j|); costs n m k^2
-    instead of n m hidden_dim. Indices within a row must be distinct (as top-k indices are).
-    """
-    a, b = F.normalize(values, dim=-1), F.normalize(values_b, dim=-1)
-    match = (indices[:, None, :, None] == indices_b[None, :, None, :]).to(a.dtype)  # (n, m, k, k)
-    return torch.einsum("ia,jb,ijab->ij", a, b, match)
-
-
 def supervised_contrastive_loss(codes: torch.Tensor, labels: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:
     """CSRv2's supervised contrastive loss, two identical views. codes: (batch, dim), labels: (batch,).
 
