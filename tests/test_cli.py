@@ -144,3 +144,29 @@ def test_failed_encode_keeps_the_old_output(files, model, capsys):
     error_of(capsys, ["encode", "--model", str(model), "--embeddings", str(files / "bad.npy"), "--out", str(out)])
     assert out.read_bytes() == before
     assert sorted(p.name for p in files.iterdir() if p.name.startswith(".")) == []  # no temporary files left
+
+
+def test_index_build_then_search(files, model, capsys):
+    from csrv2 import InvertedIndex, encode
+
+    index_file = files / "docs.index"
+    assert main(["index", "build", "--model", str(model), "--embeddings", str(files / "e.npy"), "--out", str(index_file),
+                 "--no-progress"]) == 0
+    assert main(["search", "--index", str(index_file), "--model", str(model), "--queries", str(files / "e.npy"),
+                 "--top-n", "3", "--out", str(files / "hits.npz"), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "query 0: " in printed and "118 more queries" in printed
+    x = np.load(files / "e.npy")
+    head = load(model)
+    want_ids, want_scores = InvertedIndex.build(encode(head, x), metric="cosine").search(encode(head, x), 3)
+    with np.load(files / "hits.npz") as hits:
+        np.testing.assert_array_equal(hits["ids"], want_ids)
+        np.testing.assert_allclose(hits["scores"], want_scores)
+
+    (files / "bad.index").write_bytes(b"not an index")
+    assert "not a csrv2 index file" in error_of(capsys, ["search", "--index", str(files / "bad.index"), "--model", str(model),
+                                                         "--queries", str(files / "e.npy")])
+    assert main(["train", "--embeddings", str(files / "e.npy"), "--k", "2", "--out", str(files / "wide"),
+                 "--hidden-dim", "32", "--epochs", "1", "--no-progress"]) == 0
+    err = error_of(capsys, ["search", "--index", str(index_file), "--model", str(files / "wide"), "--queries", str(files / "e.npy")])
+    assert "queries have dim 32 but the index has dim 64" in err

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 
 import numpy as np
@@ -69,14 +70,42 @@ def build_parser() -> argparse.ArgumentParser:
         description="Encode dense embeddings with a trained head. Writes an .npz with 'indices' and 'values', each (n, k), and 'dim'.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    enc.add_argument("--model", required=True, metavar="MODEL_DIR", help="model folder written by `csrv2 train`")
-    enc.add_argument("--embeddings", required=True, metavar="E.npy", help="(n, d) float embeddings, .npy or the array 'embeddings' of an .npz")
-    enc.add_argument("--k", type=int, default=None, help="non-zeros per code (default: the model's k); any k <= hidden_dim")
+    _add_encoding_options(enc, "--embeddings", "E.npy")
     enc.add_argument("--out", required=True, metavar="CODES.npz", help="output file")
-    enc.add_argument("--batch-size", type=int, default=4096, help="rows encoded at once")
-    enc.add_argument("--device", default="cpu", help="auto, cpu, cuda, cuda:N or mps")
-    enc.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+
+    index = sub.add_parser("index", help="build an inverted index of codes").add_subparsers(dest="index_command", required=True)
+    build = index.add_parser(
+        "build",
+        help="encode embeddings and index their codes",
+        description="Encode dense embeddings with a trained head and write an inverted index file (exact top-n search).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _add_encoding_options(build, "--embeddings", "E.npy")
+    build.add_argument("--metric", choices=("ip", "cosine"), default="cosine", help="score: inner product, or cosine of the codes")
+    build.add_argument("--out", required=True, metavar="INDEX", help="index file, written atomically")
+
+    search = sub.add_parser(
+        "search",
+        help="search an index with query embeddings",
+        description="Encode query embeddings with the head that built the index and print (or save) their top hits.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    search.add_argument("--index", required=True, metavar="INDEX", help="file written by `csrv2 index build`")
+    _add_encoding_options(search, "--queries", "Q.npy")
+    search.add_argument("--top-n", type=int, default=10, help="hits per query")
+    search.add_argument("--out", metavar="HITS.npz", help="also write 'ids' and 'scores', each (q, top_n); -1 / -inf pad rows with fewer hits")
     return parser
+
+
+def _add_encoding_options(parser: argparse.ArgumentParser, flag: str, metavar: str) -> None:
+    """The options of every command that encodes an embeddings file with a trained head."""
+    parser.add_argument("--model", required=True, metavar="MODEL_DIR", help="model folder written by `csrv2 train`")
+    parser.add_argument(flag, dest="embeddings", required=True, metavar=metavar,
+                        help="(n, d) float embeddings, .npy or the array 'embeddings' of an .npz")
+    parser.add_argument("--k", type=int, default=None, help="non-zeros per code (default: the model's k); any k <= hidden_dim")
+    parser.add_argument("--batch-size", type=int, default=4096, help="rows encoded at once")
+    parser.add_argument("--device", default="cpu", help="auto, cpu, cuda, cuda:N or mps")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 def _given(args: argparse.Namespace, names) -> dict:
@@ -102,7 +131,7 @@ def run_train(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}: {head.config.input_dim} -> {head.config.hidden_dim} latents, k = {head.config.k}")
 
 
-def run_encode(args: argparse.Namespace) -> None:
+def _encode_file(args: argparse.Namespace):
     from .codes import encode
     from .config import resolve_device
     from .data import load_array
@@ -110,16 +139,44 @@ def run_encode(args: argparse.Namespace) -> None:
 
     head = load_head(args.model, resolve_device(args.device))
     embeddings = load_array(args.embeddings)
-    codes = encode(head, embeddings, args.k, batch_size=args.batch_size, progress=False if args.no_progress else None)
+    return encode(head, embeddings, args.k, batch_size=args.batch_size, progress=False if args.no_progress else None)
+
+
+def run_encode(args: argparse.Namespace) -> None:
+    codes = _encode_file(args)
     codes.save(args.out)
     nnz = codes.nnz_per_row()
     print(f"wrote {args.out}: {len(codes)} codes, k = {codes.k}, non-zeros per row {nnz.min()}..{nnz.max()} (mean {np.mean(nnz):.2f})")
 
 
+def run_index(args: argparse.Namespace) -> None:
+    from .index import InvertedIndex
+
+    index = InvertedIndex.build(_encode_file(args), metric=args.metric)
+    index.save(args.out)
+    print(f"wrote {args.out}: {index!r}, {index.bytes_per_vector():.2f} bytes per vector")
+
+
+def run_search(args: argparse.Namespace) -> None:
+    from .index import InvertedIndex
+
+    index = InvertedIndex.open(args.index)  # checked before the queries are encoded
+    ids, scores = index.search(_encode_file(args), args.top_n)
+    if args.out:
+        tmp = f"{args.out}.tmp.npz"
+        np.savez(tmp, ids=ids, scores=scores)
+        os.replace(tmp, args.out)
+    for q in range(min(len(ids), 10)):
+        hits = ", ".join(f"{i} ({s:.3f})" for i, s in zip(ids[q], scores[q]) if i >= 0)
+        print(f"query {q}: {hits or 'no document shares a latent with it'}")
+    if len(ids) > 10:
+        print(f"... {len(ids) - 10} more queries" + (f" in {args.out}" if args.out else "; pass --out to keep them all"))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        {"train": run_train, "encode": run_encode}[args.command](args)
+        {"train": run_train, "encode": run_encode, "index": run_index, "search": run_search}[args.command](args)
     except (ValueError, FileNotFoundError) as e:  # InputError is a ValueError: bad input, said in one line
         print(f"csrv2: error: {e}", file=sys.stderr)
         return 2
