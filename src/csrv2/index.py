@@ -48,7 +48,7 @@ def _layout(dim: int, nnz: int) -> tuple[int, int, int, int]:
     return HEADER_SIZE, ids_at, values_at, values_at + 2 * nnz
 
 
-def _check_codes(codes: SparseCodes, what: str) -> np.ndarray:
+def check_codes(codes: SparseCodes, what: str) -> np.ndarray:
     """(n, k) bool mask of the used (non-zero) slots; `InputError` on values or latents that cannot be indexed."""
     bad = ~np.isfinite(codes.values) | (codes.values < 0)
     if bad.any():
@@ -68,7 +68,7 @@ def _check_codes(codes: SparseCodes, what: str) -> np.ndarray:
     return used
 
 
-def _weights(codes: SparseCodes, metric: str) -> np.ndarray:
+def code_weights(codes: SparseCodes, metric: str) -> np.ndarray:
     """(n, k) float64 values, each row divided by its L2 norm for "cosine" (all-zero rows stay zero)."""
     v = codes.values.astype(np.float64)
     if metric == "cosine":
@@ -79,8 +79,8 @@ def _weights(codes: SparseCodes, metric: str) -> np.ndarray:
 
 def _postings(codes: SparseCodes, metric: str, first_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """CSR arrays (offsets (dim+1,) int64, ids (nnz,) uint32, values (nnz,) float16) of `codes`, ids from `first_id`."""
-    used = _check_codes(codes, "codes")
-    w = _weights(codes, metric)
+    used = check_codes(codes, "codes")
+    w = code_weights(codes, metric)
     if (w > F16_MAX).any():
         raise InputError(f"codes have values above {F16_MAX:g}, the float16 limit of the index; use metric='cosine' or scale the values down")
     w16 = w.astype(np.float16)
@@ -190,8 +190,8 @@ class InvertedIndex:
             raise ValueError(f"top_n must be >= 1, got {top_n}")
         if queries.dim != self.dim:
             raise InputError(f"queries have dim {queries.dim} but the index has dim {self.dim}; encode queries with the head that encoded the index")
-        used = _check_codes(queries, "queries")
-        weights = _weights(queries, self.metric).astype(np.float32)
+        used = check_codes(queries, "queries")
+        weights = code_weights(queries, self.metric).astype(np.float32)
         ids = np.full((len(queries), top_n), -1, dtype=np.int64)
         scores = np.full((len(queries), top_n), -np.inf, dtype=np.float32)
         for r in range(len(queries)):

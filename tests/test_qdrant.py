@@ -1,0 +1,145 @@
+"""csrv2.qdrant: export to Qdrant's local mode, search it against InvertedIndex, collections and bad input."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import numpy as np
+import pytest
+
+qdrant_client = pytest.importorskip("qdrant_client")
+
+from csrv2.codes import SparseCodes  # noqa: E402
+from csrv2.errors import InputError  # noqa: E402
+from csrv2.index import InvertedIndex  # noqa: E402
+from csrv2.qdrant import VECTOR, export_codes, search_codes  # noqa: E402
+
+
+def random_codes(n: int, dim: int, k: int, seed: int, zero_frac: float = 0.1) -> SparseCodes:
+    """n codes with k distinct latents each, values in (0, 1], some slots zeroed."""
+    rng = np.random.default_rng(seed)
+    indices = np.argsort(rng.random((n, dim)), axis=1)[:, :k]  # k distinct latents per row
+    values = 1.0 - rng.random((n, k))
+    values[rng.random((n, k)) < zero_frac] = 0.0
+    return SparseCodes(indices.astype(np.int32), values.astype(np.float32), dim)
+
+
+def normalised(x: np.ndarray) -> np.ndarray:
+    norm = np.sqrt((x * x).sum(axis=1, keepdims=True))
+    return np.divide(x, norm, out=np.zeros_like(x), where=norm > 0)
+
+
+def untied(codes: SparseCodes, queries: SparseCodes, metric: str, top_n: int, gap: float = 3e-3) -> np.ndarray:
+    """Rows of `queries` whose best top_n + 1 exact scores differ pairwise by more than `gap` (relative).
+
+    The index stores float16 values and Qdrant float32, so only such rows must rank identically in both.
+    """
+    x, q = codes.to_dense().astype(np.float64), queries.to_dense().astype(np.float64)
+    if metric == "cosine":
+        x, q = normalised(x), normalised(q)
+    scores = q @ x.T  # (q, n)
+    keep = []
+    for r, row in enumerate(scores):
+        best = np.sort(row[row > 0])[::-1][: top_n + 1]
+        if (np.diff(best) < -gap * best[1:]).all():
+            keep.append(r)
+    return np.array(keep)
+
+
+def subset(codes: SparseCodes, rows: np.ndarray) -> SparseCodes:
+    return SparseCodes(codes.indices[rows], codes.values[rows], codes.dim)
+
+
+@pytest.fixture
+def client():
+    c = qdrant_client.QdrantClient(":memory:")
+    yield c
+    c.close()
+
+
+@pytest.mark.parametrize("metric", ["ip", "cosine"])
+@pytest.mark.parametrize("k", [2, 8])
+def test_search_matches_inverted_index(client, k, metric):
+    codes = random_codes(2000, 1024, k, seed=k)
+    pool = random_codes(60, 1024, k, seed=100 + k)
+    rows = untied(codes, pool, metric, top_n=10)
+    assert len(rows) >= 20
+    queries = subset(pool, rows)
+    export_codes(codes, client, "c", metric=metric, progress=False)  # two batches of 1024
+    ids, scores = search_codes(client, "c", queries, 10, metric=metric)
+    ref_ids, ref_scores = InvertedIndex.build(codes, metric).search(queries, 10)
+    assert ids.shape == scores.shape == (len(queries), 10) and ids.dtype == np.int64 and scores.dtype == np.float32
+    np.testing.assert_array_equal(ids, ref_ids)  # -1 padding included: at k = 2 most queries have < 10 candidates
+    np.testing.assert_allclose(scores, ref_scores, rtol=1e-3)  # -inf padding must match exactly
+    if k == 2:
+        assert (ids == -1).any()
+
+
+def test_zero_slots_dropped_and_latents_ascending(client):
+    codes = SparseCodes(np.array([[7, 2, 5, 0]], np.int32), np.array([[3.0, 4.0, 0.0, 0.0]], np.float32), 8)
+    export_codes(codes, client, "ip")
+    export_codes(codes, client, "cos", metric="cosine")
+    (ip,) = client.retrieve("ip", [0], with_vectors=True)
+    (cos,) = client.retrieve("cos", [0], with_vectors=True)
+    assert ip.vector[VECTOR].indices == cos.vector[VECTOR].indices == [2, 7]
+    np.testing.assert_allclose(ip.vector[VECTOR].values, [4.0, 3.0])
+    np.testing.assert_allclose(cos.vector[VECTOR].values, [0.8, 0.6], rtol=1e-6)  # divided by the norm, 5
+
+
+def test_empty_query_is_all_padding(client):
+    export_codes(random_codes(50, 32, 2, seed=0), client, "c")
+    empty = SparseCodes(np.array([[3, 4]], np.int32), np.zeros((1, 2), np.float32), 32)
+    ids, scores = search_codes(client, "c", empty, 5)
+    assert (ids == -1).all() and np.isneginf(scores).all()
+
+
+def test_existing_collection_refused_then_replaced(client):
+    export_codes(random_codes(10, 32, 2, seed=0), client, "c")
+    with pytest.raises(InputError, match=r"'c' already exists; pass overwrite=True"):
+        export_codes(random_codes(5, 32, 2, seed=1), client, "c")
+    assert client.count("c").count == 10  # untouched by the refusal
+    export_codes(random_codes(5, 32, 2, seed=1), client, "c", overwrite=True)
+    assert client.count("c").count == 5
+
+
+def test_ids_and_payloads_round_trip(client):
+    codes = random_codes(20, 32, 2, seed=3, zero_frac=0.0)
+    ids = np.arange(100, 120)
+    payloads = [{"text": f"doc {i}"} for i in range(20)]
+    export_codes(codes, client, "c", ids=ids, payloads=payloads, batch_size=7, progress=False)
+    points = client.retrieve("c", [100, 119], with_payload=True)
+    assert {p.id: p.payload for p in points} == {100: {"text": "doc 0"}, 119: {"text": "doc 19"}}
+    found, _ = search_codes(client, "c", subset(codes, np.array([4])), 1)
+    assert found[0, 0] == 104  # a code's own point scores highest: its values are all positive
+
+
+def test_bad_input(client):
+    codes = random_codes(10, 32, 2, seed=0)
+    with pytest.raises(InputError, match="3 ids for 10 codes"):
+        export_codes(codes, client, "c", ids=[1, 2, 3])
+    with pytest.raises(InputError, match="row 0 has a negative"):
+        export_codes(SparseCodes(codes.indices, -codes.values, 32), client, "c")
+    assert not client.collection_exists("c")  # checked before creating anything
+    with pytest.raises(InputError, match="does not exist"):
+        search_codes(client, "c", codes, 3)
+    with pytest.raises(ValueError, match="metric"):
+        export_codes(codes, client, "c", metric="l2")
+
+
+def test_metadata_checked(client):
+    export_codes(random_codes(10, 32, 2, seed=0), client, "c", metric="cosine")
+    if client.get_collection("c").config.metadata is None:
+        pytest.skip("this qdrant-client cannot store collection metadata")
+    assert client.get_collection("c").config.metadata == {"csrv2": {"dim": 32, "metric": "cosine"}}
+    with pytest.raises(InputError, match="metric='cosine'"):
+        search_codes(client, "c", random_codes(2, 32, 2, seed=1), 3)
+    with pytest.raises(InputError, match="dim 64"):
+        search_codes(client, "c", random_codes(2, 64, 2, seed=1), 3, metric="cosine")
+
+
+def test_missing_client_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "qdrant_client", None)  # makes `import qdrant_client` raise ImportError
+    monkeypatch.delitem(sys.modules, "csrv2.qdrant")
+    with pytest.raises(ImportError, match=r'pip install "csrv2\[qdrant\]"'):
+        importlib.import_module("csrv2.qdrant")
