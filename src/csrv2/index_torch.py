@@ -1,11 +1,12 @@
-"""The inverted index on a torch device (a GPU, or the CPU): one sparse-dense product per query batch.
+"""The inverted index on a torch device (a GPU, or the CPU): sparse products, no dense score matrix.
 
-The posting lists of an `InvertedIndex` are its vectors' non-zeros grouped by latent, i.e. the
-(n, dim) code matrix in compressed-sparse-column form; here they become an (n, dim) sparse CSR
-tensor X. A batch of q queries is zero-filled into Q: (dim, q), and the scores X Q: (n, q) come
-from one sparse-dense product (cuSPARSE SpMM on a GPU), whose work is the postings the queries touch
-(each stored non-zero meets the q query columns) plus writing the (n, q) scores; then the top-n of
-each column. The scores matrix grows with n: `search` cuts the queries into batches to bound it.
+The posting lists of an `InvertedIndex` (offsets, ids, values) are exactly the (dim, n) matrix X^T in
+CSR form, so they move to the device as they are. A batch of q queries, a (q, dim) CSR matrix Q,
+gives the scores Q X^T: (q, n) as a sparse-sparse product (cuSPARSE SpGEMM on a GPU) whose non-zeros
+are just the candidates, the vectors sharing a latent with the query; each row's candidates are then
+laid out in a (q, longest row) matrix padded with -inf for one topk. Nothing of size n per query is
+built: a dense score matrix would cost more to select from (topk over mostly-zero rows is slow) than
+to compute.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from .index import InvertedIndex, check_codes, code_weights
 
 
 class TorchIndex:
-    """An `InvertedIndex` held on `device` as an (n, dim) sparse CSR tensor of float32 values.
+    """An `InvertedIndex` held on `device` as its (dim, n) CSR posting matrix, float32 values.
 
     Same scores as `InvertedIndex.search` up to float32 summation order; tied scores may come in
     any order (torch.topk does not break ties by id).
@@ -29,19 +30,14 @@ class TorchIndex:
 
     def __init__(self, index: InvertedIndex, device: torch.device | str) -> None:
         self.device, self.metric, self.dim, self.n = torch.device(device), index.metric, index.dim, len(index)
-        counts = np.diff(np.asarray(index.offsets))
-        latents = np.repeat(np.arange(index.dim), counts)  # (nnz,) each posting's latent
-        ids = np.asarray(index.ids).astype(np.int64)
-        order = np.lexsort((latents, ids))  # row-major: by vector id, then latent
-        coo = torch.sparse_coo_tensor(
-            torch.from_numpy(np.stack([ids[order], latents[order]])),
-            torch.from_numpy(np.asarray(index.values)[order].astype(np.float32)),
-            (self.n, self.dim),
-            check_invariants=False,
-        )
-        with warnings.catch_warnings():  # torch calls its sparse CSR support beta; CSR SpMM is what we need
+        with warnings.catch_warnings():  # torch calls its sparse CSR support beta; CSR products are what we need
             warnings.simplefilter("ignore", UserWarning)
-            self.matrix = coo.coalesce().to_sparse_csr().to(self.device)  # (n, dim)
+            self.postings = torch.sparse_csr_tensor(  # X^T: (dim, n)
+                torch.from_numpy(np.asarray(index.offsets, dtype=np.int64)),
+                torch.from_numpy(np.asarray(index.ids).astype(np.int64)),
+                torch.from_numpy(np.asarray(index.values).astype(np.float32)),
+                (self.dim, self.n),
+            ).to(self.device)
 
     def search(self, queries: SparseCodes, top_n: int, batch_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
         """Top-n ids (q, top_n) int64 and scores (q, top_n) float32, padded with -1 / -inf like `InvertedIndex.search`."""
@@ -49,7 +45,7 @@ class TorchIndex:
         return ids.cpu().numpy(), scores.cpu().numpy()
 
     def search_tensors(self, queries: SparseCodes, top_n: int, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
-        """As `search`, with the results left on the device (no copy back, no host synchronisation)."""
+        """As `search`, with the results left on the device (one host synchronisation per batch, no copy back)."""
         if top_n < 1:
             raise ValueError(f"top_n must be >= 1, got {top_n}")
         if queries.dim != self.dim:
@@ -58,19 +54,37 @@ class TorchIndex:
         weights = np.where(used, code_weights(queries, self.metric), 0).astype(np.float32)
         idx = torch.from_numpy(queries.indices.astype(np.int64)).to(self.device)
         val = torch.from_numpy(weights).to(self.device)
-        n_top = min(top_n, self.n)
         out_ids, out_scores = [], []
         for start in range(0, len(queries), batch_size):
-            i, v = idx[start : start + batch_size], val[start : start + batch_size]
-            q = torch.zeros(len(i), self.dim, device=self.device).scatter_(1, i, v)  # (b, dim) zero-filled queries
-            scores = (self.matrix @ q.T).T  # (b, n)
-            top = scores.topk(n_top, dim=1)
-            found = top.values > 0  # vectors that share no latent with the query score 0: not candidates
-            out_ids.append(torch.where(found, top.indices, -1))
-            out_scores.append(torch.where(found, top.values, -torch.inf))
-        ids = torch.cat(out_ids) if out_ids else torch.empty(0, n_top, dtype=torch.long, device=self.device)
-        scores = torch.cat(out_scores) if out_scores else torch.empty(0, n_top, device=self.device)
-        if n_top < top_n:  # fewer vectors than top_n: pad as the numpy path does
-            ids = torch.nn.functional.pad(ids, (0, top_n - n_top), value=-1)
-            scores = torch.nn.functional.pad(scores, (0, top_n - n_top), value=-torch.inf)
-        return ids, scores
+            ids, scores = self._search_batch(idx[start : start + batch_size], val[start : start + batch_size], top_n)
+            out_ids.append(ids)
+            out_scores.append(scores)
+        if not out_ids:
+            return torch.empty(0, top_n, dtype=torch.long, device=self.device), torch.empty(0, top_n, device=self.device)
+        return torch.cat(out_ids), torch.cat(out_scores)
+
+    def _search_batch(self, idx: torch.Tensor, val: torch.Tensor, top_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """idx, val: (b, k) queries -> ids (b, top_n), scores (b, top_n)."""
+        b, k = idx.shape
+        idx, order = idx.sort(dim=1)  # CSR wants ascending columns within a row
+        crow = torch.arange(0, b * k + 1, k, device=self.device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            q = torch.sparse_csr_tensor(crow, idx.reshape(-1), val.gather(1, order).reshape(-1), (b, self.dim))
+            scores = q @ self.postings  # (b, n) sparse: one entry per candidate
+        crow, cols, values = scores.crow_indices(), scores.col_indices(), scores.values()
+        lengths = crow.diff().long()  # (b,) candidates per query (cuSPARSE returns int32 indices)
+        width = int(lengths.max()) if len(values) else 0  # the one host synchronisation of a batch
+        ids = torch.full((b, top_n), -1, dtype=torch.long, device=self.device)
+        best = torch.full((b, top_n), -torch.inf, device=self.device)
+        if width == 0:
+            return ids, best
+        row = torch.repeat_interleave(torch.arange(b, device=self.device), lengths, output_size=len(values))
+        pos = torch.arange(len(values), device=self.device) - crow[row].long()
+        laid = torch.full((b, width), -torch.inf, device=self.device).index_put_((row, pos), values)
+        laid_ids = torch.full((b, width), -1, dtype=torch.long, device=self.device).index_put_((row, pos), cols.long())
+        top = laid.topk(min(top_n, width), dim=1)
+        found = top.values > 0  # explicit zeros (a query slot of value 0) are no candidates
+        ids[:, : top.values.shape[1]] = torch.where(found, laid_ids.gather(1, top.indices), -1)
+        best[:, : top.values.shape[1]] = torch.where(found, top.values, -torch.inf)
+        return ids, best
