@@ -9,7 +9,7 @@ so each non-zero value costs 6 bytes (12 per vector at k = 2), plus 8 (dim + 1) 
 by all vectors.
 
 Search: a query with k non-zero latents gathers those k lists (m postings, about k * nnz / dim when
-latents are evenly used), sums the contributions per vector with np.unique + np.bincount and keeps
+latents are evenly used), sums the contributions per vector (a merge of sorted lists, then np.add.reduceat) and keeps
 the top n with a partition: O(m log m) per query, whatever len(index) is.
 
 File (`save` / `open`): a 64-byte little-endian header
@@ -202,8 +202,13 @@ class InvertedIndex:
             doc = np.concatenate([self.ids[s:e] for s, e in zip(starts, ends)])
             val = np.concatenate([self.values[s:e] for s, e in zip(starts, ends)]).astype(np.float64)
             contrib = val * np.repeat(weights[r][used[r]].astype(np.float64), ends - starts)
-            cand, inverse = np.unique(doc, return_inverse=True)  # (m,) ascending ids, each posting's candidate
-            score = np.bincount(inverse, weights=contrib).astype(np.float32)
+            # Each list is sorted by id, so a stable sort merges k sorted runs (timsort: several
+            # times faster here than np.unique's sort); equal ids then sit together and are summed.
+            order = np.argsort(doc, kind="stable")
+            doc, contrib = doc[order], contrib[order]
+            starts = np.flatnonzero(np.r_[True, doc[1:] != doc[:-1]])
+            cand = doc[starts]  # (m,) ascending candidate ids
+            score = np.add.reduceat(contrib, starts).astype(np.float32)
             top = _top(cand, score, top_n)
             ids[r, : len(top)], scores[r, : len(top)] = cand[top], score[top]
         return ids, scores
