@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 
@@ -56,12 +58,17 @@ def brute_force_search(index_codes_dense: np.ndarray, query_dense: np.ndarray, t
     return ids, out
 
 
+# Both search paths meet the same reference: numpy always, the numba kernel where numba is installed.
+SEARCH_PATHS = [False] + ([True] if importlib.util.find_spec("numba") else [])
+
+
 def assert_matches_reference(index: InvertedIndex, codes: SparseCodes, queries: SparseCodes, top_n: int):
-    ids, scores = index.search(queries, top_n)
     ref_ids, ref_scores = brute_force_search(stored_dense(codes, index.metric), query_dense(queries, index.metric), top_n)
-    assert ids.shape == scores.shape == (len(queries), top_n) and ids.dtype == np.int64 and scores.dtype == np.float32
-    np.testing.assert_array_equal(ids, ref_ids)
-    np.testing.assert_allclose(scores, ref_scores, rtol=1e-6)
+    for compiled in SEARCH_PATHS:
+        ids, scores = index.search(queries, top_n, compiled=compiled)
+        assert ids.shape == scores.shape == (len(queries), top_n) and ids.dtype == np.int64 and scores.dtype == np.float32
+        np.testing.assert_array_equal(ids, ref_ids)
+        np.testing.assert_allclose(scores, ref_scores, rtol=1e-6)
 
 
 @pytest.mark.parametrize("metric", ["ip", "cosine"])

@@ -30,6 +30,11 @@ import numpy as np
 from .codes import SparseCodes
 from .errors import InputError
 
+try:  # the compiled search kernel is optional: `pip install "csrv2[fast]"`; numpy serves without it
+    import numba
+except ImportError:
+    numba = None
+
 MAGIC = b"CSRV2IDX"
 VERSION = 1
 METRICS = ("ip", "cosine")
@@ -102,6 +107,60 @@ def _top(cand: np.ndarray, score: np.ndarray, top_n: int) -> np.ndarray:
     return keep[np.lexsort((cand[keep], -score[keep]))]
 
 
+# float16 bit pattern -> float64 value: numba has no float16, so the kernel reads values as uint16.
+_HALF = np.arange(2**16, dtype=np.uint16).view(np.float16).astype(np.float64)
+
+
+def _search_kernel(offsets, ids, bits, half, q_idx, q_val, scratch, out_ids, out_scores):
+    """Compiled per-query scoring (numba), the same results as the numpy path of `InvertedIndex.search`.
+
+    Scores accumulate in float64 in `scratch` (n,), zeros on entry and on exit, in query-latent order as
+    the numpy path sums them; only the entries touched are read back and reset. The top-n is kept by insertion
+    into the sorted rows of out_ids / out_scores (-1 / -inf on entry), ties to the smaller id.
+    q_idx: (q, k) latents, q_val: (q, k) float32 weights, 0 for unused slots.
+    """
+    top_n = out_ids.shape[1]
+    for r in range(q_idx.shape[0]):
+        total = 0
+        for a in range(q_idx.shape[1]):
+            if q_val[r, a] > 0:
+                total += offsets[q_idx[r, a] + 1] - offsets[q_idx[r, a]]
+        touched = np.empty(total, np.int64)
+        m = 0
+        for a in range(q_idx.shape[1]):
+            w = np.float64(q_val[r, a])
+            if w <= 0:
+                continue
+            for p in range(offsets[q_idx[r, a]], offsets[q_idx[r, a] + 1]):
+                d = np.int64(ids[p])
+                if scratch[d] == 0.0:  # every contribution is > 0, so 0 means not seen yet
+                    touched[m] = d
+                    m += 1
+                scratch[d] += half[bits[p]] * w
+        kept = 0
+        for t in range(m):
+            d = touched[t]
+            score = np.float32(scratch[d])
+            scratch[d] = 0.0
+            if kept < top_n:
+                pos = kept
+                kept += 1
+            elif score > out_scores[r, top_n - 1] or (score == out_scores[r, top_n - 1] and d < out_ids[r, top_n - 1]):
+                pos = top_n - 1
+            else:
+                continue
+            while pos > 0 and (score > out_scores[r, pos - 1] or (score == out_scores[r, pos - 1] and d < out_ids[r, pos - 1])):
+                out_scores[r, pos] = out_scores[r, pos - 1]
+                out_ids[r, pos] = out_ids[r, pos - 1]
+                pos -= 1
+            out_scores[r, pos] = score
+            out_ids[r, pos] = d
+
+
+if numba is not None:
+    _search_kernel = numba.njit(cache=True)(_search_kernel)
+
+
 def _read(path: Path, dtype: str, offset: int, count: int, mmap: bool) -> np.ndarray:
     if count == 0:
         return np.zeros(0, dtype=dtype)  # np.memmap refuses empty maps
@@ -119,6 +178,7 @@ class InvertedIndex:
 
     def __init__(self, offsets: np.ndarray, ids: np.ndarray, values: np.ndarray, n: int, metric: str):
         self.offsets, self.ids, self.values, self.n, self.metric = offsets, ids, values, n, metric
+        self._scratch: np.ndarray | None = None  # (n,) float64 accumulator of the compiled search; not thread-safe
 
     @classmethod
     def build(cls, codes: SparseCodes, metric: str = "ip") -> InvertedIndex:
@@ -176,7 +236,7 @@ class InvertedIndex:
     def __repr__(self) -> str:
         return f"InvertedIndex(n={len(self)}, dim={self.dim}, nnz={len(self.ids)}, metric={self.metric!r})"
 
-    def search(self, queries: SparseCodes, top_n: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: SparseCodes, top_n: int, compiled: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-n: ids (q, top_n) int64 and scores (q, top_n) float32 for (q, k) queries.
 
         score = sum over shared latents of stored value (float16) x query value (float32; L2-normalised
@@ -185,6 +245,7 @@ class InvertedIndex:
         with the query are candidates (the others score 0): when fewer than top_n exist, the row is
         padded with id -1 and score -inf. Cost per query follows the postings of its latents.
         `InputError` on a dim other than the index's or values `build` refuses; `ValueError` if top_n < 1.
+        compiled: the numba kernel (default when numba is installed) or the numpy path; same results.
         """
         if top_n < 1:
             raise ValueError(f"top_n must be >= 1, got {top_n}")
@@ -194,6 +255,17 @@ class InvertedIndex:
         weights = code_weights(queries, self.metric).astype(np.float32)
         ids = np.full((len(queries), top_n), -1, dtype=np.int64)
         scores = np.full((len(queries), top_n), -np.inf, dtype=np.float32)
+        if compiled is None:
+            compiled = numba is not None
+        if compiled:
+            if numba is None:
+                raise ImportError('the compiled search needs numba: pip install "csrv2[fast]"')
+            if self._scratch is None or len(self._scratch) != len(self):
+                self._scratch = np.zeros(len(self))  # kept between calls: a fresh one costs page faults per query
+            q_val = np.where(used, weights, 0).astype(np.float32)
+            _search_kernel(np.asarray(self.offsets), np.asarray(self.ids), np.asarray(self.values).view(np.uint16), _HALF,
+                           queries.indices.astype(np.int64), q_val, self._scratch, ids, scores)
+            return ids, scores
         for r in range(len(queries)):
             latents = queries.indices[r][used[r]]
             starts, ends = self.offsets[latents], self.offsets[latents + 1]
