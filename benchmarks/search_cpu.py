@@ -19,8 +19,9 @@ per query), and one batch of queries (total time, queries/s). Top-10 throughout.
 
 Memory: ours is `index.nbytes` (offsets + ids + float16 values), faiss flat is n * d * 4. Our search is
 single-threaded (the numba kernel when numba is installed, else numpy); faiss uses its OpenMP threads
-(printed). Correctness, on the side: for databases of at most `--check-n` vectors, our top-10 of every timed query must equal a brute-force reference
-(scipy sparse product on the same float16-rounded values, ties by smaller id); exit 1 if not.
+(printed). Correctness, on the side: for databases of at most `--check-n` vectors, our top-10 of every
+timed query must equal a brute-force reference (scipy sparse product on the same float16-rounded
+values, ties by smaller id); exit 1 if not.
 """
 
 from __future__ import annotations
