@@ -111,6 +111,17 @@ def _top(cand: np.ndarray, score: np.ndarray, top_n: int) -> np.ndarray:
 _HALF = np.arange(2**16, dtype=np.uint16).view(np.float16).astype(np.float64)
 
 
+def query_weights(queries: SparseCodes, dim: int, metric: str, top_n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Checks shared by every search path; returns used (q, k) bool and the float32 query weights (q, k),
+    L2-normalised for "cosine" and 0 in unused slots."""
+    if top_n < 1:
+        raise ValueError(f"top_n must be >= 1, got {top_n}")
+    if queries.dim != dim:
+        raise InputError(f"queries have dim {queries.dim} but the index has dim {dim}; encode queries with the head that encoded the index")
+    used = check_codes(queries, "queries")
+    return used, np.where(used, code_weights(queries, metric), 0).astype(np.float32)
+
+
 def _search_kernel(offsets, ids, bits, half, q_idx, q_val, scratch, out_ids, out_scores):
     """Compiled per-query scoring (numba), the same results as the numpy path of `InvertedIndex.search`.
 
@@ -247,12 +258,7 @@ class InvertedIndex:
         `InputError` on a dim other than the index's or values `build` refuses; `ValueError` if top_n < 1.
         compiled: the numba kernel (default when numba is installed) or the numpy path; same results.
         """
-        if top_n < 1:
-            raise ValueError(f"top_n must be >= 1, got {top_n}")
-        if queries.dim != self.dim:
-            raise InputError(f"queries have dim {queries.dim} but the index has dim {self.dim}; encode queries with the head that encoded the index")
-        used = check_codes(queries, "queries")
-        weights = code_weights(queries, self.metric).astype(np.float32)
+        used, weights = query_weights(queries, self.dim, self.metric, top_n)
         ids = np.full((len(queries), top_n), -1, dtype=np.int64)
         scores = np.full((len(queries), top_n), -np.inf, dtype=np.float32)
         if compiled is None:
@@ -262,9 +268,8 @@ class InvertedIndex:
                 raise ImportError('the compiled search needs numba: pip install "csrv2[fast]"')
             if self._scratch is None or len(self._scratch) != len(self):
                 self._scratch = np.zeros(len(self))  # kept between calls: a fresh one costs page faults per query
-            q_val = np.where(used, weights, 0).astype(np.float32)
             _search_kernel(np.asarray(self.offsets), np.asarray(self.ids), np.asarray(self.values).view(np.uint16), _HALF,
-                           queries.indices.astype(np.int64), q_val, self._scratch, ids, scores)
+                           queries.indices.astype(np.int64), weights, self._scratch, ids, scores)
             return ids, scores
         for r in range(len(queries)):
             latents = queries.indices[r][used[r]]

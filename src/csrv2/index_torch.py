@@ -17,8 +17,7 @@ import numpy as np
 import torch
 
 from .codes import SparseCodes
-from .errors import InputError
-from .index import InvertedIndex, check_codes, code_weights
+from .index import InvertedIndex, query_weights
 
 
 class TorchIndex:
@@ -46,12 +45,7 @@ class TorchIndex:
 
     def search_tensors(self, queries: SparseCodes, top_n: int, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
         """As `search`, with the results left on the device (one host synchronisation per batch, no copy back)."""
-        if top_n < 1:
-            raise ValueError(f"top_n must be >= 1, got {top_n}")
-        if queries.dim != self.dim:
-            raise InputError(f"queries have dim {queries.dim} but the index has dim {self.dim}; encode queries with the head that encoded the index")
-        used = check_codes(queries, "queries")
-        weights = np.where(used, code_weights(queries, self.metric), 0).astype(np.float32)
+        _, weights = query_weights(queries, self.dim, self.metric, top_n)
         idx = torch.from_numpy(queries.indices.astype(np.int64)).to(self.device)
         val = torch.from_numpy(weights).to(self.device)
         out_ids, out_scores = [], []
