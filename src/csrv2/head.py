@@ -75,9 +75,12 @@ class SparseHead(nn.Module):
         indices: (batch, k) int, values: (batch, k) float -> (batch, input_dim). `bias=False` leaves
         out b_pre; `std`/`mu` (batch, 1) undo `standardize`.
         """
-        out = self.decode_sums([(indices, values)])[0]
-        if bias:
-            out = out + self.pre_bias
+        return self.unstandardize(self.decode_sums([(indices, values)])[0], std, mu, bias=bias)
+
+    def unstandardize(self, sums: torch.Tensor, std=None, mu=None, *, bias: bool = True) -> torch.Tensor:
+        """W^T z sums: (batch, input_dim) -> reconstruction (W^T z + b_pre) std + mu; `bias=False` keeps
+        b_pre and mu out (a residual); std/mu (batch, 1) from `standardize`, None when it is the identity."""
+        out = sums + self.pre_bias if bias else sums
         if std is not None:
             out = out * std
         if mu is not None and bias:

@@ -69,10 +69,8 @@ def step_losses(
     idx_4k, val_4k = top.indices, top.values.relu()  # (n, 4k), largest first
     idx_k, val_k = idx_4k[:, :k], val_4k[:, :k]  # (n, k)
     sum_k, sum_rest = head.decode_sums([(idx_k, val_k), (idx_4k[:, k:], val_4k[:, k:])])  # (n, d) each
-    scale = 1.0 if std is None else std
-    shift = head.pre_bias * scale + (0.0 if mu is None else mu)
-    x_hat_k = sum_k * scale + shift
-    x_hat_4k = (sum_k + sum_rest) * scale + shift
+    x_hat_k = head.unstandardize(sum_k, std, mu)
+    x_hat_4k = head.unstandardize(sum_k + sum_rest, std, mu)
 
     fired = torch.zeros(h, device=x.device).index_add_(0, idx_k.reshape(-1), (val_k > 0).reshape(-1).float()) > 0
     losses = {
@@ -80,14 +78,14 @@ def step_losses(
         "loss_4k": reconstruction_loss(x, x_hat_4k),
         # a latent that fires in this batch is not dead for it (as in the official recipe, whose
         # counters are updated by the top-k before AuxK reads them)
-        "loss_aux": _auxk(head, pre, dead & ~fired, x - x_hat_k.detach(), scale),
+        "loss_aux": _auxk(head, pre, dead & ~fired, x - x_hat_k.detach(), std),
         "loss_cl": _contrastive(idx_k, val_k, h, mode, labels, cfg.temperature),
     }
     losses["loss"] = total_loss(**losses, multi_k_coef=cfg.multi_k_coef, aux_coef=cfg.aux_coef, cl_coef=cfg.cl_coef)
     return losses, fired
 
 
-def _auxk(head: SparseHead, pre: torch.Tensor, dead: torch.Tensor, residual: torch.Tensor, scale) -> torch.Tensor:
+def _auxk(head: SparseHead, pre: torch.Tensor, dead: torch.Tensor, residual: torch.Tensor, std) -> torch.Tensor:
     """AuxK from the dead latents' pre-activations. pre: (n, h); residual: (n, d), gradient already stopped."""
     dead_ids = dead.nonzero().squeeze(1)  # (n_dead,); with none dead the loss is 0 and costs nothing
     n_dead, h = len(dead_ids), head.config.hidden_dim
@@ -102,7 +100,7 @@ def _auxk(head: SparseHead, pre: torch.Tensor, dead: torch.Tensor, residual: tor
         top = pre.masked_fill(~dead, -torch.inf).topk(k_aux, dim=1)
         z = torch.zeros_like(pre).scatter(1, top.indices, top.values.relu())
         weight = head.weight
-    return auxk_loss(residual, (z @ weight) * scale, True)
+    return auxk_loss(residual, head.unstandardize(z @ weight, std, bias=False), True)
 
 
 def _contrastive(idx: torch.Tensor, val: torch.Tensor, h: int, mode: str, labels, temperature: float) -> torch.Tensor:
