@@ -1,0 +1,140 @@
+"""Matryoshka (MRL) baselines on frozen embeddings: plain truncation, and a Matryoshka-trained linear head.
+
+Truncation keeps the first m dims of the backbone embedding. The linear head maps (n, input_dim) to
+(n, max(dims)) and is trained so that every nested prefix z[:, :m], m in dims, is an embedding of its
+own: the loss is the mean over m of the same contrastive form csrv2 uses on its sparse codes
+(supervised with labels, pairs with documents, else self), on cosine similarity at the same
+temperature, with the same optimizer, batch size, epochs and data order as a sparse head, so the two
+compete on one budget. Its weights start at the training data's principal directions (largest
+first), so a prefix is a sensible embedding from step 0 and training refines the nesting.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .config import TrainConfig, resolve_device
+from .data import TrainingData
+from .errors import InputError
+from .losses import pairs_contrastive_loss, self_contrastive_loss, supervised_contrastive_loss
+from .model import write_json
+
+MRL_DIMS = (2, 4, 8, 16, 32, 64)
+MRL_CONFIG, MRL_WEIGHTS = "mrl.json", "mrl.safetensors"
+
+
+def truncate(x: np.ndarray, dim: int) -> np.ndarray:
+    """x: (n, d) -> (n, dim), the first dim coordinates (no renormalisation: the metrics use cosine)."""
+    if not 1 <= dim <= x.shape[1]:
+        raise ValueError(f"dim must be in [1, {x.shape[1]}], got {dim}")
+    return np.ascontiguousarray(x[:, :dim])
+
+
+class MatryoshkaHead(torch.nn.Module):
+    """z = W x + b, W: (max(dims), input_dim); `encode(x, dim)` is the first dim coordinates of z."""
+
+    def __init__(self, input_dim: int, dims: tuple[int, ...] = MRL_DIMS):
+        super().__init__()
+        if not dims or list(dims) != sorted(set(dims)) or dims[0] < 1:
+            raise ValueError(f"dims must be increasing positive sizes, got {dims}")
+        self.dims = tuple(int(m) for m in dims)
+        self.linear = torch.nn.Linear(input_dim, self.dims[-1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+    @torch.inference_mode()
+    def encode(self, x: np.ndarray, dim: int) -> np.ndarray:
+        """x: (n, input_dim) -> (n, dim) float32."""
+        if dim not in self.dims:
+            raise ValueError(f"dim must be one of the trained sizes {self.dims}, got {dim}")
+        z = self.linear(torch.as_tensor(np.asarray(x, dtype=np.float32), device=self.linear.weight.device))
+        return z[:, :dim].cpu().numpy()
+
+
+def principal_directions(x: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
+    """x: (n, d) -> (W (m, d) top principal directions, largest variance first; bias (m,) = -W mean)."""
+    mean = x.mean(axis=0)
+    _, _, vt = np.linalg.svd(x - mean, full_matrices=False)
+    if len(vt) < m:
+        raise InputError(f"a {m}-dim Matryoshka head needs at least {m} training samples and dims, got {x.shape}")
+    return vt[:m], -vt[:m] @ mean
+
+
+def matryoshka_loss(z: torch.Tensor, dims: tuple[int, ...], mode: str, labels: torch.Tensor | None, temperature: float) -> torch.Tensor:
+    """Mean over m in dims of the contrastive loss on z[:, :m]. z: (batch, max(dims)), or (2 batch, .) for pairs."""
+    losses = []
+    for m in dims:
+        prefix = z[:, :m]
+        if mode == "pairs":
+            losses.append(pairs_contrastive_loss(*prefix.chunk(2), temperature))
+        elif mode == "supervised":
+            losses.append(supervised_contrastive_loss(prefix, labels, temperature))
+        else:
+            losses.append(self_contrastive_loss(prefix, temperature))
+    return torch.stack(losses).mean()
+
+
+def train_matryoshka(data: TrainingData, cfg: TrainConfig, dims: tuple[int, ...] = MRL_DIMS, progress: bool = True) -> MatryoshkaHead:
+    """Train a MatryoshkaHead on `data` with the optimizer, batches and epochs of `cfg` (its sparse-head fields are unused)."""
+    device = resolve_device(cfg.device)
+    head = MatryoshkaHead(data.dim, dims)
+    sample = np.asarray(data.embeddings[np.sort(np.random.default_rng(cfg.seed).permutation(len(data))[:20000])], dtype=np.float64)
+    weight, bias = principal_directions(sample, dims[-1])
+    with torch.no_grad():
+        head.linear.weight.copy_(torch.from_numpy(weight))
+        head.linear.bias.copy_(torch.from_numpy(bias))
+    head.to(device)
+    mode = "supervised" if data.labels is not None else "pairs" if data.documents is not None else "self"
+    optimizer = torch.optim.Adam(head.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
+    b = cfg.batch_size
+    steps = -(-len(data) // b)
+    bar = tqdm(total=steps * cfg.epochs, desc="train mrl", unit="step", disable=not progress)
+    for epoch in range(cfg.epochs):
+        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(data))  # the sparse trainer's order
+        for position in range(steps):
+            rows = np.sort(order[position * b : (position + 1) * b])
+            x = np.asarray(data.embeddings[rows], dtype=np.float32)
+            if mode == "pairs":
+                x = np.concatenate([x, np.asarray(data.documents[rows], dtype=np.float32)])
+            labels = None if data.labels is None else torch.from_numpy(data.labels[rows]).to(device)
+            loss = matryoshka_loss(head(torch.from_numpy(x).to(device)), head.dims, mode, labels, cfg.temperature)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.4g}")
+    bar.close()
+    return head.eval()
+
+
+def save_matryoshka(head: MatryoshkaHead, folder: str | os.PathLike) -> Path:
+    """Write mrl.json + mrl.safetensors into folder (each written aside, then renamed)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{MRL_WEIGHTS}.tmp"
+    save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, str(tmp))
+    os.replace(tmp, folder / MRL_WEIGHTS)
+    write_json(folder / MRL_CONFIG, {"input_dim": head.linear.in_features, "dims": list(head.dims)})
+    return folder
+
+
+def load_matryoshka(folder: str | os.PathLike) -> MatryoshkaHead:
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / MRL_CONFIG).read_text())
+        head = MatryoshkaHead(int(config["input_dim"]), tuple(config["dims"]))
+        head.load_state_dict(load_file(str(folder / MRL_WEIGHTS)))
+    except (OSError, KeyError, ValueError, RuntimeError) as e:
+        raise InputError(f"{folder}: not a csrv2 Matryoshka head ({e}); write one with save_matryoshka") from e
+    return head.eval()
+
+
+__all__ = ["MRL_DIMS", "MatryoshkaHead", "load_matryoshka", "matryoshka_loss", "principal_directions", "save_matryoshka", "train_matryoshka", "truncate"]
