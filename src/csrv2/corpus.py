@@ -1,0 +1,85 @@
+"""Texts indexed with their backbone: what `csrv2 search "query text"` needs to embed a query the way
+the documents were embedded, and to print the hits' texts.
+
+Beside an index file INDEX lies `INDEX.texts.json`: the backbone's name, max_seq_length and identity
+(a digest of its weights and settings) and the documents' texts in id order. A search whose backbone
+has another identity is refused: its queries would land in another space and the hits would be
+silently wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .backbone import TextBackbone
+from .cache import EmbeddingCache
+from .codes import encode
+from .errors import InputError
+from .head import SparseHead
+from .index import InvertedIndex
+
+
+def texts_path(index_path: str | os.PathLike) -> Path:
+    return Path(f"{index_path}.texts.json")
+
+
+def build_text_index(head: SparseHead, backbone: TextBackbone, texts: list[str], out: str | os.PathLike, *, k: int | None = None,
+                     metric: str = "cosine", cache: EmbeddingCache | None = None, progress: bool = True) -> InvertedIndex:
+    """Embed texts (through the cache), encode them with head, index the codes and save index + texts at `out`.
+
+    The texts file is written first, then the index, each atomically: an interrupted build leaves an
+    old index with its old texts, or a new texts file the old index does not use (a search checks counts).
+    """
+    x = (cache or EmbeddingCache()).get(backbone, texts, progress=progress)
+    index = InvertedIndex.build(encode(head, x, k, progress=progress), metric=metric)
+    path = texts_path(out)
+    tmp = path.with_name(f".{path.name}.tmp")
+    info = {"backbone": backbone.name, "max_seq_length": backbone.max_seq_length, "identity": backbone.identity, "texts": list(texts)}
+    tmp.write_text(json.dumps(info))
+    os.replace(tmp, path)
+    index.save(out)
+    return index
+
+
+def read_texts(index_path: str | os.PathLike, index: InvertedIndex) -> dict | None:
+    """The texts file of an index (None when it has none); `InputError` when it does not belong to it."""
+    path = texts_path(index_path)
+    if not path.exists():
+        return None
+    try:
+        info = json.loads(path.read_text())
+        texts = info["texts"]
+    except (OSError, ValueError, KeyError) as e:
+        raise InputError(f"{path}: damaged ({e}); build the index again with `csrv2 index build --data`") from e
+    if len(texts) != len(index):
+        raise InputError(f"{path}: holds {len(texts)} texts but the index {len(index)} vectors; build the index again")
+    return info
+
+
+def query_backbone(info: dict | None, model: str | None, max_seq_length: int | None, device: str = "cpu") -> TextBackbone:
+    """The backbone that embeds queries: the one named (or the index's own), checked against the index's identity."""
+    if info is None and model is None:
+        raise InputError("this index holds no texts, so it does not say which backbone embedded them; pass --backbone")
+    backbone = TextBackbone(model or info["backbone"], device=device,
+                            max_seq_length=max_seq_length if max_seq_length is not None else (info or {}).get("max_seq_length"))
+    if info is not None and backbone.identity != info["identity"]:
+        raise InputError(
+            f"backbone {backbone.name!r} (max_seq_length {backbone.model.max_seq_length}) is not the one that embedded this "
+            f"index ({info['backbone']!r}, max_seq_length {info['max_seq_length']}); pass that one as --backbone"
+        )
+    return backbone
+
+
+def search_texts(index: InvertedIndex, head: SparseHead, backbone: TextBackbone, queries: list[str], top_n: int = 10,
+                 k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """ids, scores: (len(queries), top_n), as `InvertedIndex.search`, for query texts."""
+    if not queries or any(not q.strip() for q in queries):
+        raise InputError("a query text is empty; pass at least one non-empty query")
+    return index.search(encode(head, backbone.embed(queries, progress=False), k, progress=False), top_n)
+
+
+__all__ = ["build_text_index", "query_backbone", "read_texts", "search_texts", "texts_path"]
