@@ -12,12 +12,16 @@ import sys
 import numpy as np
 
 from .config import CONTRASTIVE_MODES, PRESETS, HeadConfig, TrainConfig, field_docs
+from .datasets import DATASETS as DATASET_NAMES
+from .evaluate import TASKS
+from .reproduce import METHODS, SuiteConfig
 
 HEAD_OPTIONS = ("k", "hidden_dim", "k_aux", "normalize", "dead_threshold")
 
 
-def _add_dataclass_options(parser: argparse.ArgumentParser, cls, names=None) -> None:
+def _add_dataclass_options(parser: argparse.ArgumentParser, cls, names=None, choices: dict | None = None) -> None:
     """One --option per dataclass field, its help the field's docstring; unset options stay None."""
+    choices = choices or {}
     docs = field_docs(cls)
     for f in dataclasses.fields(cls):
         if names is not None and f.name not in names:
@@ -28,6 +32,9 @@ def _add_dataclass_options(parser: argparse.ArgumentParser, cls, names=None) -> 
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif f.name == "contrastive":
             parser.add_argument(flag, choices=CONTRASTIVE_MODES, default=None, help=help_text)
+        elif str(f.type).startswith("tuple["):  # several values: --k 2 8 32
+            kind = int if str(f.type) == "tuple[int, ...]" else str
+            parser.add_argument(flag, type=kind, nargs="+", default=None, choices=choices.get(f.name), metavar=f.name.upper(), help=help_text)
         else:
             kind = {"int": int, "float": float, "str": str, "int | None": int}.get(str(f.type), str)
             parser.add_argument(flag, type=kind, default=None, metavar=f.name.upper(), help=help_text)
@@ -80,32 +87,87 @@ def build_parser() -> argparse.ArgumentParser:
         description="Encode dense embeddings with a trained head and write an inverted index file (exact top-n search).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    _add_encoding_options(build, "--embeddings", "E.npy")
+    _add_encoding_options(build, "--embeddings", "E.npy", required=False)
+    build.add_argument("--data", metavar="NAME|FILE", help="texts instead of --embeddings: a packaged data set (its --split) or a "
+                       ".csv/.jsonl/.parquet file (its --text-column); they are embedded with --backbone and kept beside the index")
+    build.add_argument("--split", choices=("train", "test"), default="test", help="split of a packaged data set")
+    build.add_argument("--text-column", default="text", help="text column of a file")
+    _add_backbone_options(build, "the packaged all-MiniLM-L6-v2")
     build.add_argument("--metric", choices=("ip", "cosine"), default="cosine", help="score: inner product, or cosine of the codes")
     build.add_argument("--out", required=True, metavar="INDEX", help="index file, written atomically")
 
     search = sub.add_parser(
         "search",
         help="search an index with query embeddings",
-        description="Encode query embeddings with the head that built the index and print (or save) their top hits.",
+        description=(
+            "Encode queries with the head that built the index and print (or save) their top hits: query texts "
+            "(embedded by the index's backbone, hits printed with their texts) or a --queries embeddings file."
+        ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     search.add_argument("--index", required=True, metavar="INDEX", help="file written by `csrv2 index build`")
-    _add_encoding_options(search, "--queries", "Q.npy")
+    search.add_argument("texts", nargs="*", metavar="QUERY", help="query texts")
+    _add_encoding_options(search, "--queries", "Q.npy", required=False)
+    _add_backbone_options(search, "the index's")
     search.add_argument("--top-n", type=int, default=10, help="hits per query")
     search.add_argument("--out", metavar="HITS.npz", help="also write 'ids' and 'scores', each (q, top_n); -1 / -inf pad rows with fewer hits")
+
+    embed = sub.add_parser(
+        "embed",
+        help="embed texts or images with a backbone (cached)",
+        description=(
+            "Embed a packaged data set's split, or a file: .csv/.jsonl/.parquet with a text and a label column "
+            "(or query/document columns with --pairs), or an .npz of 'images' and 'labels'. Writes an .npz that "
+            "`csrv2 train --embeddings` reads: 'embeddings' (+ 'labels'), or 'queries' and 'documents'. "
+            "Embeddings are cached by model and data content, so a second run does not embed again."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    embed.add_argument("--data", required=True, metavar="NAME|FILE", help=f"a packaged data set ({', '.join(DATASET_NAMES)}) or a file")
+    embed.add_argument("--out", required=True, metavar="E.npz", help="output file, written atomically")
+    embed.add_argument("--split", choices=("train", "test"), default="train", help="split of a packaged data set")
+    embed.add_argument("--max-rows", type=int, default=None, help="seeded subset of a packaged split (default: all)")
+    embed.add_argument("--text-column", default="text", help="text column of a table")
+    embed.add_argument("--label-column", default="label", help="label column of a table; '' for none")
+    embed.add_argument("--pairs", action="store_true", help="the file holds query/document pairs")
+    embed.add_argument("--query-column", default="query", help="query column of a pairs file")
+    embed.add_argument("--document-column", default="document", help="document column of a pairs file")
+    embed.add_argument("--model", default=None, help="sentence-transformers folder or hub name (default: the packaged all-MiniLM-L6-v2)")
+    embed.add_argument("--max-seq-length", type=int, default=None, help="tokens kept per text (default: the model's)")
+    embed.add_argument("--image-size", type=int, default=64, help="side images are resized to for EfficientNet-Lite0")
+    embed.add_argument("--batch-size", type=int, default=32, help="texts embedded at once")
+    embed.add_argument("--device", default="cpu", help="auto, cpu, cuda, cuda:N or mps")
+    embed.add_argument("--seed", type=int, default=0, help="seed of packaged splits and subsets")
+    embed.add_argument("--cache-dir", default=None, help="embedding cache (default: $CSRV2_CACHE or ~/.cache/csrv2)")
+    embed.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    reproduce = sub.add_parser(
+        "reproduce",
+        help="run the paper's comparison on the packaged default suite",
+        description=(
+            "Embed (cached), train dense / MRL / CSR / CSRv2-linear at every k, score every task, write "
+            "results.json, results.md and two plots into --out, and print the table. A rerun reuses finished work."
+        ),
+    )
+    _add_dataclass_options(reproduce, SuiteConfig, choices={"tasks": list(TASKS), "methods": list(METHODS)})
+    reproduce.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
 
 
-def _add_encoding_options(parser: argparse.ArgumentParser, flag: str, metavar: str) -> None:
+def _add_encoding_options(parser: argparse.ArgumentParser, flag: str, metavar: str, required: bool = True) -> None:
     """The options of every command that encodes an embeddings file with a trained head."""
     parser.add_argument("--model", required=True, metavar="MODEL_DIR", help="model folder written by `csrv2 train`")
-    parser.add_argument(flag, dest="embeddings", required=True, metavar=metavar,
+    parser.add_argument(flag, dest="embeddings", required=required, metavar=metavar,
                         help="(n, d) float embeddings, .npy or the array 'embeddings' of an .npz")
     parser.add_argument("--k", type=int, default=None, help="non-zeros per code (default: the model's k); any k <= hidden_dim")
     parser.add_argument("--batch-size", type=int, default=4096, help="rows encoded at once")
     parser.add_argument("--device", default="cpu", help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _add_backbone_options(parser: argparse.ArgumentParser, default: str) -> None:
+    parser.add_argument("--backbone", default=None, help=f"sentence-transformers folder or hub name that embeds the texts (default: {default})")
+    parser.add_argument("--max-seq-length", type=int, default=None, help="tokens kept per text (default: the model's, or the index's)")
 
 
 def _given(args: argparse.Namespace, names) -> dict:
@@ -152,31 +214,90 @@ def run_encode(args: argparse.Namespace) -> None:
 def run_index(args: argparse.Namespace) -> None:
     from .index import InvertedIndex
 
-    index = InvertedIndex.build(_encode_file(args), metric=args.metric)
-    index.save(args.out)
+    if (args.data is None) == (args.embeddings is None):
+        raise ValueError("give --embeddings (vectors) or --data (texts to embed), one of the two")
+    if args.data is not None:
+        from .backbone import TextBackbone
+        from .config import resolve_device
+        from .corpus import build_text_index
+        from .embedding import texts_of
+        from .model import load_head
+
+        backbone = TextBackbone(args.backbone, device=args.device, max_seq_length=args.max_seq_length)
+        head = load_head(args.model, resolve_device(args.device))
+        texts = texts_of(args.data, split=args.split, text_column=args.text_column)
+        index = build_text_index(head, backbone, texts, args.out, k=args.k, metric=args.metric, progress=not args.no_progress)
+    else:
+        index = InvertedIndex.build(_encode_file(args), metric=args.metric)
+        index.save(args.out)
     print(f"wrote {args.out}: {index!r}, {index.bytes_per_vector():.2f} bytes per vector")
 
 
 def run_search(args: argparse.Namespace) -> None:
     from .index import InvertedIndex
 
+    if bool(args.texts) == (args.embeddings is not None):
+        raise ValueError("give query texts or --queries (an embeddings file), one of the two")
     index = InvertedIndex.open(args.index)  # checked before the queries are encoded
-    ids, scores = index.search(_encode_file(args), args.top_n)
+    texts = None
+    if args.texts:
+        from .config import resolve_device
+        from .corpus import query_backbone, read_texts, search_texts
+        from .model import load_head
+
+        info = read_texts(args.index, index)
+        backbone = query_backbone(info, args.backbone, args.max_seq_length, args.device)
+        ids, scores = search_texts(index, load_head(args.model, resolve_device(args.device)), backbone, args.texts, args.top_n, args.k)
+        texts = info["texts"] if info else None
+    else:
+        ids, scores = index.search(_encode_file(args), args.top_n)
     if args.out:
         tmp = f"{args.out}.tmp.npz"
         np.savez(tmp, ids=ids, scores=scores)
         os.replace(tmp, args.out)
     for q in range(min(len(ids), 10)):
-        hits = ", ".join(f"{i} ({s:.3f})" for i, s in zip(ids[q], scores[q]) if i >= 0)
-        print(f"query {q}: {hits or 'no document shares a latent with it'}")
+        hits = [(i, s) for i, s in zip(ids[q], scores[q]) if i >= 0]
+        label = repr(args.texts[q]) if args.texts else f"query {q}"
+        if texts is not None:
+            print(f"{label}:" + ("" if hits else " no document shares a latent with it"))
+            for rank, (i, s) in enumerate(hits, 1):
+                print(f"  {rank:>2}. id {i} ({s:.3f})  {' '.join(texts[i].split())[:100]}")
+        else:
+            print(f"{label}: " + (", ".join(f"{i} ({s:.3f})" for i, s in hits) or "no document shares a latent with it"))
     if len(ids) > 10:
         print(f"... {len(ids) - 10} more queries" + (f" in {args.out}" if args.out else "; pass --out to keep them all"))
+
+
+def run_embed(args: argparse.Namespace) -> None:
+    from .embedding import embed_source, npz_path, save_arrays
+
+    npz_path(args.out)
+    arrays = embed_source(
+        args.data, split=args.split, pairs=args.pairs, text_column=args.text_column, label_column=args.label_column or None,
+        query_column=args.query_column, document_column=args.document_column, model=args.model,
+        max_seq_length=args.max_seq_length, image_size=args.image_size, batch_size=args.batch_size, device=args.device,
+        max_rows=args.max_rows, seed=args.seed, cache_dir=args.cache_dir, progress=not args.no_progress,
+    )
+    save_arrays(arrays, args.out)
+    print(f"wrote {args.out}: " + ", ".join(f"{name} {a.shape}" for name, a in arrays.items()))
+
+
+def run_reproduce(args: argparse.Namespace) -> None:
+    from .report import markdown_table, target_lines
+    from .reproduce import reproduce
+
+    config = SuiteConfig(**{name: tuple(v) if isinstance(v, list) else v for name, v in _given(args, [f.name for f in dataclasses.fields(SuiteConfig)]).items()})
+    results = reproduce(config, progress=not args.no_progress)
+    print(markdown_table(results))
+    print("\n".join(target_lines(results)))
+    print(f"wrote {config.out}: results.json, results.md, score_vs_k.png, dead_latents_vs_k.png")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        {"train": run_train, "encode": run_encode, "index": run_index, "search": run_search}[args.command](args)
+        commands = {"train": run_train, "encode": run_encode, "index": run_index, "search": run_search, "embed": run_embed, "reproduce": run_reproduce}
+        commands[args.command](args)
     except (ValueError, FileNotFoundError) as e:  # InputError is a ValueError: bad input, said in one line
         print(f"csrv2: error: {e}", file=sys.stderr)
         return 2

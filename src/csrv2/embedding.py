@@ -1,0 +1,114 @@
+"""`csrv2 embed`: a packaged data set or a user file -> arrays ready for `csrv2 train`, through the cache.
+
+The arrays are named as `csrv2 train --embeddings X.npz` reads them: `embeddings` (+ `labels`), or
+`queries` and `documents` for pairs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .backbone import ImageBackbone, TextBackbone
+from .cache import EmbeddingCache
+from .datasets import DATASETS, LabelledImages, LabelledTexts, SimilarityPairs, TextPairs, load_dataset, read_images, read_pairs, read_table
+from .errors import InputError
+
+SPLITS = ("train", "test")
+
+
+def _packaged(name: str, split: str, max_rows: int | None, seed: int):
+    dataset = load_dataset(name, **({} if name == "lee50" else {"seed": seed, f"max_{split}": max_rows}))
+    if isinstance(dataset, SimilarityPairs):
+        return {"texts": dataset.texts}
+    if isinstance(dataset, TextPairs):
+        return {"queries": getattr(dataset, f"{split}_queries"), "documents": getattr(dataset, f"{split}_documents")}
+    items = getattr(dataset, f"{split}_texts" if isinstance(dataset, LabelledTexts) else f"{split}_images")
+    return {"images" if isinstance(dataset, LabelledImages) else "texts": items, "labels": getattr(dataset, f"{split}_labels")}
+
+
+def texts_of(source: str, split: str = "test", text_column: str = "text", max_rows: int | None = None, seed: int = 0) -> list[str]:
+    """The texts to index from a packaged data set's split (a retrieval set's documents) or a table file's text column."""
+    if source not in DATASETS:
+        if not Path(source).exists():
+            raise InputError(f"{source}: neither a packaged data set ({', '.join(DATASETS)}) nor an existing file")
+        return read_table(source, text_column, None)[0]
+    items = _packaged(source, split, max_rows, seed)
+    if "images" in items:
+        raise InputError(f"{source} holds images; a text index needs texts")
+    return list(items.get("documents", items.get("texts")))
+
+
+def embed_source(
+    source: str,
+    *,
+    split: str = "train",
+    pairs: bool = False,
+    text_column: str = "text",
+    label_column: str | None = "label",
+    query_column: str = "query",
+    document_column: str = "document",
+    model: str | None = None,
+    max_seq_length: int | None = None,
+    image_size: int = 64,
+    batch_size: int = 32,
+    device: str = "cpu",
+    max_rows: int | None = None,
+    seed: int = 0,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> dict[str, np.ndarray]:
+    """Embed a packaged data set's split (source = its name) or a file: .csv/.jsonl/.parquet texts
+    (with labels unless label_column is None; pairs=True reads query/document columns) or an .npz
+    of images and labels. Returns the named arrays of a training file."""
+    if split not in SPLITS:
+        raise InputError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if source in DATASETS:
+        items = _packaged(source, split, max_rows, seed)
+    elif not Path(source).exists():
+        raise InputError(f"{source}: neither a packaged data set ({', '.join(DATASETS)}) nor an existing file")
+    elif pairs:
+        queries, documents = read_pairs(source, query_column, document_column)
+        items = {"queries": queries, "documents": documents}
+    elif Path(source).suffix == ".npz":
+        images, labels = read_images(source)
+        items = {"images": images, "labels": labels}
+    elif label_column is None:
+        texts, _ = read_table(source, text_column, None)
+        items = {"texts": texts}
+    else:
+        texts, labels = read_table(source, text_column, label_column)
+        items = {"texts": texts, "labels": labels}
+
+    backbone = (ImageBackbone(image_size, device=device) if "images" in items
+                else TextBackbone(model, device=device, max_seq_length=max_seq_length, batch_size=batch_size))
+    cache = EmbeddingCache(Path(cache_dir) / "embeddings" if cache_dir else None)
+    out = {}
+    for name, values in items.items():
+        if name == "labels":
+            out["labels"] = np.asarray(values)
+        else:
+            out["embeddings" if name in ("texts", "images") else name] = cache.get(backbone, values, progress=progress)
+    return out
+
+
+def npz_path(path: str | os.PathLike) -> Path:
+    """`path` as a Path, or `InputError` unless it ends in .npz (checked before any embedding work)."""
+    path = Path(path)
+    if path.suffix != ".npz":
+        raise InputError(f"{path}: embeddings are written as .npz; give a path ending in .npz")
+    return path
+
+
+def save_arrays(arrays: dict[str, np.ndarray], path: str | os.PathLike) -> Path:
+    """Write the arrays as one .npz, to a temporary name and then renamed over `path`."""
+    path = npz_path(path)
+    tmp = path.with_name(f".{path.stem}.tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+    return path
+
+
+__all__ = ["SPLITS", "embed_source", "npz_path", "save_arrays", "texts_of"]

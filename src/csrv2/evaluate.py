@@ -1,0 +1,151 @@
+"""The evaluation suite: which data each task scores, what its heads train on, and how it is scored.
+
+A task scores any representation: a function from dense (n, d) backbone embeddings to either dense
+vectors (the backbone, a truncation, a Matryoshka head) or `SparseCodes` (CSR, CSRv2).
+
+Training data per task, never its test split:
+  classification and clustering: the data set's train split with its labels (clustering scores the
+    test split of the same data set, so it shares the classification task's heads);
+  retrieval (news title -> article): train (title, article) pairs; scored with held-out titles as
+    queries over the held-out articles;
+  STS (Lee-50): has no training data of its own, so its heads are the news-retrieval heads, trained on
+    news (title, article) pairs of the same domain; Lee-50's own 50 documents never train anything;
+  images: the train split's features with labels; scored by 1-NN top-1 on the test split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Literal
+
+import numpy as np
+
+from .backbone import Backbone
+from .cache import EmbeddingCache
+from .codes import SparseCodes
+from .data import TrainingData, class_ids
+from .datasets import LabelledImages, LabelledTexts, SimilarityPairs, TextPairs
+from .metrics import (
+    logistic_regression_accuracy,
+    nearest_neighbour_accuracy,
+    retrieval_metrics,
+    spearman,
+    v_measure,
+)
+
+Kind = Literal["classification", "clustering", "retrieval", "sts", "image"]
+Representation = np.ndarray | SparseCodes
+
+
+@dataclass(frozen=True)
+class Task:
+    """name: how the CLI calls it; dataset: the loader it scores; training_set: the data set whose train split trains its heads."""
+
+    name: str
+    kind: Kind
+    dataset: str
+    training_set: str
+    metric: str
+
+
+TASKS = {
+    task.name: task
+    for task in (
+        Task("bbc-news", "classification", "bbc-news", "bbc-news", "accuracy"),
+        Task("reuters-r8", "classification", "reuters-r8", "reuters-r8", "accuracy"),
+        Task("20newsgroups", "classification", "20newsgroups", "20newsgroups", "accuracy"),
+        Task("20newsgroups-clustering", "clustering", "20newsgroups", "20newsgroups", "v_measure"),
+        Task("news-retrieval", "retrieval", "news-retrieval", "news-retrieval", "ndcg@10"),
+        Task("lee50", "sts", "lee50", "news-retrieval", "spearman"),
+        Task("fashion-mnist", "image", "fashion-mnist", "fashion-mnist", "1nn_accuracy"),
+        Task("digits", "image", "digits", "digits", "1nn_accuracy"),
+    )
+}
+DEFAULT_TASKS = ("bbc-news", "reuters-r8", "20newsgroups", "20newsgroups-clustering", "news-retrieval", "lee50")
+
+
+@dataclass
+class EmbeddedSet:
+    """One data set's embeddings. train/test: (n, d); for pairs, train/test are the queries and
+    *_documents their row-aligned documents; for STS, test holds the texts and pairs/scores the gold."""
+
+    name: str
+    train: np.ndarray | None = None
+    test: np.ndarray | None = None
+    train_labels: np.ndarray | None = None
+    test_labels: np.ndarray | None = None
+    train_documents: np.ndarray | None = None
+    test_documents: np.ndarray | None = None
+    pairs: np.ndarray | None = None
+    scores: np.ndarray | None = None
+    sizes: dict = field(default_factory=dict)
+
+
+def embed_dataset(dataset, backbone: Backbone, cache: EmbeddingCache, progress: bool = True) -> EmbeddedSet:
+    """Embed every text (or image) of a loaded data set through the cache."""
+
+    def get(items):
+        return cache.get(backbone, items, progress=progress)
+
+    if isinstance(dataset, (LabelledTexts, LabelledImages)):
+        train_items, test_items = (
+            (dataset.train_texts, dataset.test_texts) if isinstance(dataset, LabelledTexts) else (dataset.train_images, dataset.test_images)
+        )
+        return EmbeddedSet(
+            dataset.name, get(train_items), get(test_items), np.asarray(dataset.train_labels), np.asarray(dataset.test_labels),
+            sizes={"train": len(train_items), "test": len(test_items)},
+        )
+    if isinstance(dataset, TextPairs):
+        return EmbeddedSet(
+            dataset.name, get(dataset.train_queries), get(dataset.test_queries),
+            train_documents=get(dataset.train_documents), test_documents=get(dataset.test_documents),
+            sizes={"train_pairs": len(dataset.train_queries), "test_pairs": len(dataset.test_queries)},
+        )
+    if isinstance(dataset, SimilarityPairs):
+        return EmbeddedSet(
+            dataset.name, test=get(dataset.texts), pairs=dataset.pairs, scores=dataset.scores,
+            sizes={"texts": len(dataset.texts), "pairs": len(dataset.pairs)},
+        )
+    raise TypeError(f"cannot embed a {type(dataset).__name__}")
+
+
+def training_data(data: EmbeddedSet, supervised: bool) -> TrainingData:
+    """The train split as `TrainingData`: with labels or pairs when supervised, else the bare vectors
+    (for pairs, queries and documents stacked, as CSR v1 trains on unlabelled text)."""
+    if data.train is None:
+        raise ValueError(f"{data.name} has no train split to train heads on")
+    if data.train_documents is not None:
+        if supervised:
+            return TrainingData(data.train, documents=data.train_documents)
+        return TrainingData(np.concatenate([data.train, data.train_documents]))
+    return TrainingData(data.train, class_ids(data.train_labels) if supervised else None)
+
+
+def _matrix(r: Representation):
+    return r.to_scipy() if isinstance(r, SparseCodes) else r
+
+
+def score(task: Task, data: EmbeddedSet, represent: Callable[[np.ndarray], Representation]) -> tuple[dict[str, float], list[Representation]]:
+    """Metrics of one representation on one task, and the evaluation-set representations it scored
+    (for code statistics). Only the test side of a split is ever scored."""
+    if task.kind in ("classification", "image"):
+        train, test = represent(data.train), represent(data.test)
+        a, b = _matrix(train), _matrix(test)
+        metrics = {
+            "accuracy": logistic_regression_accuracy(a, data.train_labels, b, data.test_labels),
+            "1nn_accuracy": nearest_neighbour_accuracy(a, data.train_labels, b, data.test_labels),
+        }
+        return metrics, [test]
+    if task.kind == "clustering":
+        test = represent(data.test)
+        return {"v_measure": v_measure(_matrix(test), data.test_labels)}, [test]
+    if task.kind == "retrieval":
+        queries, documents = represent(data.test), represent(data.test_documents)
+        return retrieval_metrics(_matrix(queries), _matrix(documents)), [queries, documents]
+    if task.kind == "sts":
+        x = represent(data.test)
+        return {"spearman": spearman(_matrix(x), data.pairs, data.scores)}, [x]
+    raise ValueError(f"unknown task kind {task.kind!r}")
+
+
+__all__ = ["DEFAULT_TASKS", "TASKS", "EmbeddedSet", "Task", "embed_dataset", "score", "training_data"]

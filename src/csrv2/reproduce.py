@@ -1,0 +1,254 @@
+"""`csrv2 reproduce`: the paper's comparison in one command, on real models and data that ship offline.
+
+Embed every task's data (cached), train every method at every size on each task's training set,
+score every task, then write results.json, results.md and two plots, and print the table. Methods:
+  dense         the backbone embedding itself (one row);
+  mrl-truncate  its first m dims;
+  mrl-linear    a Matryoshka-trained linear head on the frozen embeddings, prefix m (baselines.py);
+  csr           CSR v1: a sparse head at fixed k, self-supervised contrastive, no labels;
+  csrv2-linear  CSRv2 head only: k annealed from 64, supervised contrastive (pairs for retrieval).
+Every trained method uses the same data, epochs, batch size, optimizer and seed.
+
+An interrupted run resumes: each head is saved under out/heads and each scored row under out/rows,
+keyed by a hash of everything that determines it, and a rerun reuses whatever matches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from . import __version__
+from .backbone import ImageBackbone, TextBackbone
+from .baselines import load_matryoshka, save_matryoshka, train_matryoshka, truncate
+from .cache import EmbeddingCache
+from .codes import SparseCodes, encode
+from .config import HeadConfig, TrainConfig, preset
+from .datasets import load_dataset
+from .evaluate import DEFAULT_TASKS, TASKS, EmbeddedSet, Task, embed_dataset, score, training_data
+from .metrics import code_stats, dense_bytes_per_vector
+from .model import load_head, save_head, write_json
+from .report import markdown_table, plot_results, summarise, target_lines
+from .trainer import Trainer
+
+METHODS = ("dense", "mrl-truncate", "mrl-linear", "csr", "csrv2-linear")
+SIZES = (2, 4, 8, 16, 32, 64)
+QUICK = {"max_train": 400, "max_test": 200, "k": (2, 8, 32)}
+
+
+@dataclass(frozen=True)
+class SuiteConfig:
+    """What `csrv2 reproduce` runs. Sizes are caps: a data set smaller than a cap is used whole."""
+
+    tasks: tuple[str, ...] = DEFAULT_TASKS
+    """Tasks to score (default: the six text tasks; fashion-mnist and digits are image tasks)."""
+    methods: tuple[str, ...] = METHODS
+    """Methods to compare."""
+    k: tuple[int, ...] = SIZES
+    """Non-zeros per code for csr / csrv2-linear, and dims for the MRL methods."""
+    out: str = "runs/reproduce"
+    """Folder for results.json, results.md, the plots, heads and scored rows."""
+    quick: bool = False
+    """A ~3-minute version: 400 train / 200 test rows per data set, k = 2, 8, 32."""
+    max_train: int = 2000
+    """Train rows (or pairs) kept per data set, a seeded subset."""
+    max_test: int = 1000
+    """Test rows (or pairs) kept per data set, a seeded subset."""
+    epochs: int = 20
+    """Training epochs of every trained method."""
+    hidden_dim: int = 0
+    """Latents of the sparse heads (0: 4 x the backbone dimension)."""
+    model: str = ""
+    """Text backbone: a sentence-transformers folder or hub name (default: the packaged all-MiniLM-L6-v2)."""
+    max_seq_length: int = 128
+    """Tokens kept per text: what makes news articles affordable on a CPU."""
+    image_size: int = 64
+    """Side in pixels images are resized to for EfficientNet-Lite0."""
+    seed: int = 0
+    """Seed of the data subsets and splits, weights and data order."""
+    device: str = "auto"
+    """Device for the backbones and the training: auto, cpu, cuda, mps."""
+    cache_dir: str = ""
+    """Embedding cache (default: $CSRV2_CACHE or ~/.cache/csrv2)."""
+
+    def __post_init__(self) -> None:
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if unknown or not self.tasks:
+            raise ValueError(f"unknown tasks {unknown}; choose from {', '.join(TASKS)}")
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise ValueError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
+        if not self.k or any(k < 1 for k in self.k):
+            raise ValueError(f"k must be positive sizes, got {self.k}")
+        for name in ("max_train", "max_test", "epochs", "max_seq_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def resolved(self) -> SuiteConfig:
+        """The config as run: with quick, QUICK's values replace the fields left at their defaults."""
+        if not self.quick:
+            return self
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        return dataclasses.replace(self, **{name: v for name, v in QUICK.items() if getattr(self, name) == defaults[name]})
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _data_hash(data: EmbeddedSet) -> str:
+    digest = hashlib.sha256(data.name.encode())
+    for f in dataclasses.fields(EmbeddedSet):
+        value = getattr(data, f.name)
+        if isinstance(value, np.ndarray):
+            digest.update(f.name.encode() + np.ascontiguousarray(value).astype(str if value.dtype.kind in "OU" else value.dtype).tobytes())
+    return digest.hexdigest()[:16]
+
+
+class Suite:
+    """Runs a `SuiteConfig`: owns the backbones, the embedded data sets and the trained heads."""
+
+    def __init__(self, config: SuiteConfig, progress: bool = True):
+        self.cfg, self.progress = config.resolved(), progress
+        self.out = Path(self.cfg.out)
+        self.cache = EmbeddingCache(Path(self.cfg.cache_dir) / "embeddings" if self.cfg.cache_dir else None)
+        self.text = TextBackbone(self.cfg.model or None, device=self._backbone_device(), max_seq_length=self.cfg.max_seq_length)
+        self.image = ImageBackbone(self.cfg.image_size, device=self._backbone_device())
+        self.data: dict[str, EmbeddedSet] = {}
+        self.budget = {"epochs": self.cfg.epochs, "seed": self.cfg.seed, "device": self.cfg.device}  # every trained method's
+
+    def _backbone_device(self) -> str:
+        from .config import resolve_device
+
+        return str(resolve_device(self.cfg.device))
+
+    # --- the run, top to bottom -------------------------------------------------------------
+    def run(self) -> dict:
+        self.out.mkdir(parents=True, exist_ok=True)
+        tasks = [TASKS[name] for name in self.cfg.tasks]
+        for name in dict.fromkeys(n for t in tasks for n in (t.dataset, t.training_set)):
+            self.data[name] = self.embed(name)
+        plan = [(task, method, size) for task in tasks for method in self.cfg.methods for size in self.sizes(method, task)]
+        rows = []
+        bar = tqdm(plan, desc="reproduce", unit="row", disable=not self.progress)
+        for task, method, size in bar:
+            bar.set_postfix_str(f"{task.name} {method} {size}")
+            rows.append(self.row(task, method, size))
+        results = {"settings": {**dataclasses.asdict(self.cfg), "backbone": self.text.name, "csrv2_version": __version__,
+                                "data_sizes": {n: d.sizes for n, d in self.data.items()}},
+                   "rows": rows, "summary": summarise(rows)}
+        self.write(results)
+        return results
+
+    def sizes(self, method: str, task: Task) -> tuple[int, ...]:
+        if method == "dense":
+            return (self.dim(task),)
+        return tuple(sorted(self.cfg.k))
+
+    def dim(self, task: Task) -> int:
+        return self.data[task.dataset].test.shape[1]
+
+    def embed(self, name: str) -> EmbeddedSet:
+        kind = next(t.kind for t in TASKS.values() if t.dataset == name)
+        sizes = {} if kind == "sts" else {"max_train": self.cfg.max_train, "max_test": self.cfg.max_test, "seed": self.cfg.seed}
+        dataset = load_dataset(name, **sizes)
+        return embed_dataset(dataset, self.image if kind == "image" else self.text, self.cache, progress=self.progress)
+
+    def row(self, task: Task, method: str, size: int) -> dict:
+        """Score one (task, method, size), reusing the stored row when everything that makes it matches."""
+        train_key = self.head_key(task.training_set, method, size)
+        key = _hash([task, _data_hash(self.data[task.dataset]), train_key, method, size, __version__])
+        path = self.out / "rows" / task.name / f"{method}-{size}-{key}.json"
+        if path.exists():
+            try:
+                return json.loads(path.read_text())
+            except (OSError, ValueError):
+                pass  # a damaged row is scored again
+        represent, train_info = self.representation(task, method, size)
+        start = time.perf_counter()
+        metrics, evaluated = score(task, self.data[task.dataset], represent)
+        row = {"task": task.name, "kind": task.kind, "metric": task.metric, "method": method, "size": size,
+               "score": metrics[task.metric], "metrics": metrics, **self.stats(evaluated),
+               **train_info, "eval_seconds": round(time.perf_counter() - start, 3)}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, row)
+        return row
+
+    def head_key(self, training_set: str, method: str, size: int) -> str | None:
+        if method in ("dense", "mrl-truncate"):
+            return None
+        size = max(self.cfg.k) if method == "mrl-linear" else size  # one Matryoshka head serves every prefix
+        return _hash([_data_hash(self.data[training_set]), method, size, sorted(self.cfg.k), self.budget, self.cfg.hidden_dim, __version__])
+
+    def representation(self, task: Task, method: str, size: int):
+        """(function from dense embeddings to what is scored, training facts for the row)."""
+        if method == "dense":
+            return (lambda x: x), {}
+        if method == "mrl-truncate":
+            return (lambda x: truncate(x, size)), {}
+        folder, info = self.trained_head(task.training_set, method, size)
+        if method == "mrl-linear":
+            head = load_matryoshka(folder)
+            return (lambda x: head.encode(x, size)), info
+        head = load_head(folder)
+        return (lambda x: encode(head, x, size, progress=False)), info
+
+    def trained_head(self, training_set: str, method: str, size: int) -> tuple[Path, dict]:
+        """The folder of the head `method` trains on `training_set` (trained now unless already saved)."""
+        key = self.head_key(training_set, method, size)
+        label = "mrl-linear" if method == "mrl-linear" else f"{method}-k{size}"
+        folder = self.out / "heads" / training_set / f"{label}-{key}"
+        info_file = folder / "train_info.json"
+        if info_file.exists():
+            return folder, json.loads(info_file.read_text())
+        data = self.data[training_set]
+        start = time.perf_counter()
+        if method == "mrl-linear":
+            dims = tuple(sorted(self.cfg.k))
+            head = train_matryoshka(training_data(data, supervised=True), TrainConfig(**self.budget), dims, progress=False)
+            save_matryoshka(head, folder)
+            info = {}
+        else:
+            head, info = self.train_sparse(data, method, size)
+            save_head(head, folder)
+        info = {**info, "train_seconds": round(time.perf_counter() - start, 3)}
+        write_json(info_file, info)  # last: a folder without it is trained again
+        return folder, info
+
+    def train_sparse(self, data: EmbeddedSet, method: str, k: int):
+        supervised = method == "csrv2-linear"
+        train_data = training_data(data, supervised)
+        trainer = Trainer(HeadConfig(train_data.dim, self.cfg.hidden_dim, k), preset("csrv2" if supervised else "csr", **self.budget),
+                          train_data, progress=False)
+        head = trainer.fit()
+        return head, {"train_dead_pct": 100.0 * trainer.dead_fraction(), "train_steps": trainer.total_steps}
+
+    def stats(self, evaluated: list) -> dict:
+        if isinstance(evaluated[0], SparseCodes):
+            codes = SparseCodes(np.concatenate([c.indices for c in evaluated]), np.concatenate([c.values for c in evaluated]), evaluated[0].dim)
+            return code_stats(codes)
+        dim = evaluated[0].shape[1]
+        return {"active_dims": float(dim), "dead_latents_pct": None, "bytes_per_vector": dense_bytes_per_vector(dim)}
+
+    def write(self, results: dict) -> None:
+        write_json(self.out / "results.json", results)
+        table = markdown_table(results)
+        tmp = self.out / ".results.md.tmp"
+        tmp.write_text(table + "\n\n" + "\n".join(target_lines(results)) + "\n")
+        tmp.replace(self.out / "results.md")
+        plot_results(results, self.out)
+
+
+def reproduce(config: SuiteConfig | None = None, progress: bool = True) -> dict:
+    """Run the suite and return results (also written under config.out)."""
+    return Suite(config or SuiteConfig(), progress).run()
+
+
+__all__ = ["METHODS", "SIZES", "Suite", "SuiteConfig", "reproduce"]

@@ -1,0 +1,87 @@
+"""The suite's plumbing: what each task scores, what its heads train on, and a whole reproduce run with resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from csrv2.codes import SparseCodes
+from csrv2.evaluate import TASKS, EmbeddedSet, score, training_data
+from csrv2.reproduce import SuiteConfig, reproduce
+
+
+def _set(**arrays) -> EmbeddedSet:
+    return EmbeddedSet("toy", **arrays)
+
+
+def test_training_data_never_reads_the_test_split():
+    rng = np.random.default_rng(0)
+    train, docs = rng.normal(size=(6, 4)).astype(np.float32), rng.normal(size=(6, 4)).astype(np.float32)
+    poisoned = np.full((3, 4), np.nan, dtype=np.float32)  # would fail TrainingData's finiteness check if used
+    labelled = _set(train=train, test=poisoned, train_labels=np.array(list("aabbcc")), test_labels=np.array(list("abc")))
+    assert training_data(labelled, supervised=True).labels.tolist() == [0, 0, 1, 1, 2, 2]
+    assert training_data(labelled, supervised=False).labels is None
+    pairs = _set(train=train, test=poisoned, train_documents=docs, test_documents=poisoned)
+    assert training_data(pairs, supervised=True).documents is docs
+    np.testing.assert_array_equal(training_data(pairs, supervised=False).embeddings, np.concatenate([train, docs]))
+
+
+def test_score_uses_the_test_side_of_each_task():
+    x = np.eye(4, dtype=np.float32)
+    # retrieval: query i equals document i, so every query finds its document first
+    metrics, evaluated = score(TASKS["news-retrieval"], _set(test=x, test_documents=x.copy()), lambda v: v)
+    assert metrics == {"ndcg@10": 1.0, "recall@10": 1.0} and len(evaluated) == 2
+    # STS: pairs (0,1) and (0,2) are orthogonal (cosine 0) and (1,1) identical: Spearman against gold 0, 0, 1
+    sts = _set(test=x, pairs=np.array([[0, 1], [0, 2], [1, 1]]), scores=np.array([0.1, 0.2, 0.9]))
+    assert score(TASKS["lee50"], sts, lambda v: v)[0]["spearman"] == pytest.approx(np.sqrt(3) / 2)
+    # classification on codes: each class owns a latent, so logistic regression and 1-NN are exact
+    labels = np.array([0, 1, 0, 1])
+    codes = SparseCodes(labels[:, None].astype(np.int32), np.ones((4, 1), np.float32), 3)
+    cls = _set(train=x, test=x, train_labels=labels, test_labels=labels)
+    metrics, evaluated = score(TASKS["bbc-news"], cls, lambda v: codes)
+    assert metrics == {"accuracy": 1.0, "1nn_accuracy": 1.0} and evaluated == [codes]
+
+
+@pytest.fixture(scope="module")
+def suite_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("reproduce")
+    config = SuiteConfig(tasks=("digits", "bbc-news", "lee50"), k=(2, 4), max_train=48, max_test=24, epochs=2,
+                         max_seq_length=32, image_size=32, out=str(out / "run"), cache_dir=str(out / "cache"), device="cpu")
+    return config, reproduce(config, progress=False)
+
+
+def test_reproduce_scores_every_method_and_writes_its_files(suite_run):
+    config, results = suite_run
+    rows = results["rows"]
+    assert len(rows) == 3 * (1 + 4 * 2)  # tasks x (dense + four methods at two sizes)
+    assert {r["method"] for r in rows} == {"dense", "mrl-truncate", "mrl-linear", "csr", "csrv2-linear"}
+    assert all(-1 <= r["score"] <= 1 for r in rows)
+    sparse = [r for r in rows if r["method"] in ("csr", "csrv2-linear")]
+    assert all(r["active_dims"] <= r["size"] and 0 <= r["dead_latents_pct"] <= 100 for r in sparse)
+    assert results["settings"]["data_sizes"]["news-retrieval"] == {"train_pairs": 48, "test_pairs": 24}
+    out = Path(config.out)
+    for name in ("results.json", "results.md", "score_vs_k.png", "dead_latents_vs_k.png"):
+        assert (out / name).stat().st_size > 0
+    assert json.loads((out / "results.json").read_text())["rows"] == rows
+
+
+def test_rerun_reuses_heads_and_rows_and_redoes_only_what_is_missing(suite_run):
+    config, results = suite_run
+    out = Path(config.out)
+    infos = sorted(out.glob("heads/*/*/train_info.json"))
+    stamps = {p: p.stat().st_mtime_ns for p in infos}
+    removed_row = next(out.glob("rows/bbc-news/csrv2-linear-2-*.json"))
+    removed_row.unlink()
+    removed_head = next(p for p in infos if p.parent.name.startswith("csrv2-linear-k2") and "bbc-news" in str(p))
+    removed_head.unlink()  # as if interrupted after the weights, before the head was marked finished
+    again = reproduce(config, progress=False)
+
+    def untimed(rows):
+        return [{k: v for k, v in r.items() if not k.endswith("_seconds")} for r in rows]
+
+    assert untimed(again["rows"]) == untimed(results["rows"])  # seeded CPU training: the same head, the same scores
+    changed = [p for p in infos if p.stat().st_mtime_ns != stamps.get(p)]
+    assert changed == [removed_head]
