@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from csrv2.codes import SparseCodes
-from csrv2.evaluate import TASKS, EmbeddedSet, score, training_data
+from csrv2.evaluate import TASKS, EmbeddedSet, hold_out, score, training_data
 from csrv2.reproduce import SuiteConfig, reproduce
 
 
@@ -27,6 +27,17 @@ def test_training_data_never_reads_the_test_split():
     pairs = _set(train=train, test=poisoned, train_documents=docs, test_documents=poisoned)
     assert training_data(pairs, supervised=True).documents is docs
     np.testing.assert_array_equal(training_data(pairs, supervised=False).embeddings, np.concatenate([train, docs]))
+
+
+def test_hold_out_scores_part_of_train_and_never_the_test_split():
+    train = np.arange(20, dtype=np.float32).reshape(10, 2)
+    data = _set(train=train, test=np.full((3, 2), np.nan, np.float32), train_labels=np.arange(10) % 2, test_labels=np.zeros(3))
+    val = hold_out(data, fraction=0.3, seed=1)
+    assert val.train.shape == (7, 2) and val.test.shape == (3, 2)
+    rows = set(val.train[:, 0].tolist()) | set(val.test[:, 0].tolist())
+    assert rows == set(train[:, 0].tolist()) and np.isfinite(val.test).all()  # a partition of train; the test split is gone
+    np.testing.assert_array_equal(val.test_labels, (val.test[:, 0] / 2) % 2)  # labels follow their rows
+    assert hold_out(data, fraction=0.3, seed=1).test.tolist() == val.test.tolist()  # seeded
 
 
 def test_score_uses_the_test_side_of_each_task():

@@ -109,6 +109,24 @@ def embed_dataset(dataset, backbone: Backbone, cache: EmbeddingCache, progress: 
     raise TypeError(f"cannot embed a {type(dataset).__name__}")
 
 
+def hold_out(data: EmbeddedSet, fraction: float = 0.2, seed: int = 0) -> EmbeddedSet:
+    """A validation version of `data`: a seeded `fraction` of its train split becomes the split scored,
+    the rest trains; its test split is dropped. For choosing settings without looking at test splits."""
+    if data.train is None:
+        raise ValueError(f"{data.name} has no train split to hold a validation part out of")
+    order = np.random.default_rng(seed).permutation(len(data.train))
+    cut = int(round(fraction * len(order)))
+    val, train = np.sort(order[:cut]), np.sort(order[cut:])
+
+    def part(a, rows):
+        return None if a is None else a[rows]
+
+    return EmbeddedSet(
+        f"{data.name}-validation", data.train[train], data.train[val], part(data.train_labels, train), part(data.train_labels, val),
+        part(data.train_documents, train), part(data.train_documents, val), sizes={"train": len(train), "validation": len(val)},
+    )
+
+
 def training_data(data: EmbeddedSet, supervised: bool) -> TrainingData:
     """The train split as `TrainingData`: with labels or pairs when supervised, else the bare vectors
     (for pairs, queries and documents stacked, as CSR v1 trains on unlabelled text)."""
@@ -148,4 +166,4 @@ def score(task: Task, data: EmbeddedSet, represent: Callable[[np.ndarray], Repre
     raise ValueError(f"unknown task kind {task.kind!r}")
 
 
-__all__ = ["DEFAULT_TASKS", "TASKS", "EmbeddedSet", "Task", "embed_dataset", "score", "training_data"]
+__all__ = ["DEFAULT_TASKS", "TASKS", "EmbeddedSet", "Task", "embed_dataset", "hold_out", "score", "training_data"]
