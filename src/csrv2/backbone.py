@@ -77,6 +77,15 @@ class TextBackbone:
         if batch_size < 1 or (max_seq_length is not None and max_seq_length < 1):
             raise ValueError(f"batch_size and max_seq_length must be >= 1, got {batch_size} and {max_seq_length}")
 
+    @classmethod
+    def from_model(cls, model, name: str, batch_size: int = 32) -> TextBackbone:
+        """Wrap a loaded SentenceTransformer, e.g. the modules before a SparseEncoder's head."""
+        backbone = cls.__new__(cls)
+        backbone.source, backbone.local, backbone.name = name, True, name
+        backbone.device, backbone.max_seq_length, backbone.batch_size = str(model.device), None, batch_size
+        backbone.__dict__["model"] = model  # fills the cached property
+        return backbone
+
     @cached_property
     def model(self):
         from sentence_transformers import SentenceTransformer

@@ -141,6 +141,18 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--cache-dir", default=None, help="embedding cache (default: $CSRV2_CACHE or ~/.cache/csrv2)")
     embed.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
+    export = sub.add_parser(
+        "export",
+        help="write backbone + head as a sentence-transformers SparseEncoder folder",
+        description="Write a folder that sentence_transformers.SparseEncoder(path) loads: the backbone's modules, then the "
+                    "head as its SparseAutoEncoder module; csrv2's training settings go to csrv2.json. Written whole or not at all.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    export.add_argument("--model", required=True, metavar="MODEL_DIR", help="model folder written by `csrv2 train`")
+    export.add_argument("--out", required=True, metavar="DIR", help="folder to write")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    _add_backbone_options(export, "the packaged all-MiniLM-L6-v2")
+
     reproduce = sub.add_parser(
         "reproduce",
         help="run the paper's comparison on the packaged default suite",
@@ -282,6 +294,21 @@ def run_embed(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}: " + ", ".join(f"{name} {a.shape}" for name, a in arrays.items()))
 
 
+def run_export(args: argparse.Namespace) -> None:
+    import json
+
+    from .backbone import TextBackbone
+    from .export import export_sparse_encoder
+    from .model import SETTINGS_FILE, load_head
+
+    head = load_head(args.model)
+    settings_file = os.path.join(args.model, SETTINGS_FILE)
+    settings = json.loads(open(settings_file).read()) if os.path.exists(settings_file) else {}
+    backbone = TextBackbone(args.backbone, max_seq_length=args.max_seq_length)
+    export_sparse_encoder(head, args.out, backbone, settings={**settings, "backbone": backbone.name}, overwrite=args.overwrite)
+    print(f"wrote {args.out}: SparseEncoder({backbone.name} -> {head.config.hidden_dim} latents, k = {head.config.k})")
+
+
 def run_reproduce(args: argparse.Namespace) -> None:
     from .report import markdown_table, target_lines
     from .reproduce import reproduce
@@ -296,7 +323,7 @@ def run_reproduce(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        commands = {"train": run_train, "encode": run_encode, "index": run_index, "search": run_search, "embed": run_embed, "reproduce": run_reproduce}
+        commands = {"train": run_train, "encode": run_encode, "index": run_index, "search": run_search, "embed": run_embed, "export": run_export, "reproduce": run_reproduce}
         commands[args.command](args)
     except (ValueError, FileNotFoundError) as e:  # InputError is a ValueError: bad input, said in one line
         print(f"csrv2: error: {e}", file=sys.stderr)

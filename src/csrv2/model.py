@@ -108,6 +108,9 @@ def load_head(folder: str | os.PathLike, device: torch.device | str = "cpu") -> 
         if magic[:1] == b"\x80" or magic == b"PK":
             raise InputError(f"{path}: is a pickle/torch.save file, not safetensors; csrv2 never loads pickles, convert it with safetensors.torch.save_file") from e
         raise InputError(f"{path}: is not a readable safetensors file ({e}); save the model again with csrv2") from e
+    if "encoder.weight" not in tensors and "decoder.linear.weight" in tensors:
+        # sentence-transformers saves the tied weight once, sometimes under the decoder's name
+        tensors["encoder.weight"] = tensors["decoder.linear.weight"]
     head = SparseHead(config)
     expected = {name: tuple(p.shape) for name, p in head.named_parameters()}
     found = {name: tuple(t.shape) for name, t in tensors.items() if name not in FOREIGN_TENSORS}

@@ -1,0 +1,89 @@
+"""sentence-transformers format: a backbone + csrv2 head as a folder `SparseEncoder(path)` loads, and back.
+
+The folder is the backbone's own modules followed by a `SparseAutoEncoder` module holding the head
+(config with exactly its six keys, weights in safetensors), written by sentence-transformers itself;
+csrv2's training settings go to a separate `csrv2.json` at the top. Reading goes the other way: any
+SparseEncoder folder whose last module is a SparseAutoEncoder (csrv2's or one published by others)
+gives its backbone and a csrv2 `SparseHead`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .backbone import TextBackbone
+from .errors import InputError
+from .head import SparseHead
+from .model import SETTINGS_FILE, load_head, write_json
+
+SAE_TYPE = "sentence_transformers.sparse_encoder.modules.sparse_auto_encoder.SparseAutoEncoder"
+
+
+def _sparse_encoder(backbone: TextBackbone, head: SparseHead):
+    """An in-memory SparseEncoder: the backbone's modules, then a SparseAutoEncoder with the head's weights."""
+    from sentence_transformers import SparseEncoder
+    from sentence_transformers.sparse_encoder.modules import SparseAutoEncoder
+
+    if backbone.dim != head.config.input_dim:
+        raise InputError(f"the head reads {head.config.input_dim}-d embeddings but {backbone.name} makes {backbone.dim}-d; export it with its own backbone")
+    sae = SparseAutoEncoder(**head.config.to_dict())
+    missing, unexpected = sae.load_state_dict({name: p.detach().cpu() for name, p in head.named_parameters()}, strict=False)
+    if unexpected or set(missing) - {"stats_last_nonzero", "decoder.linear.weight"}:
+        raise RuntimeError(f"SparseAutoEncoder's parameters changed (missing {missing}, unexpected {unexpected})")
+    return SparseEncoder(modules=[*backbone.model, sae], device="cpu")
+
+
+def export_sparse_encoder(head: SparseHead, out: str | os.PathLike, backbone: TextBackbone | None = None, *,
+                          settings: dict | None = None, overwrite: bool = False) -> Path:
+    """Write backbone + head to the folder `out` in the sentence-transformers SparseEncoder format.
+
+    Built in a temporary folder beside `out` and renamed into place, so a failure leaves no half
+    folder; an existing `out` is refused unless overwrite, and then replaced only once the new one is whole.
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise InputError(f"{out}: already exists; choose another folder or pass --overwrite")
+    model = _sparse_encoder(backbone or TextBackbone(), head)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save(str(tmp))
+        write_json(tmp / SETTINGS_FILE, {"head": head.config.to_dict(), **(settings or {})})
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_sparse_encoder(folder: str | os.PathLike) -> tuple[TextBackbone, SparseHead]:
+    """The backbone (every module before the head) and the head of a SparseEncoder folder.
+
+    `InputError` when the folder is not a sentence-transformers model, does not end in a
+    SparseAutoEncoder, or that module's config has other keys than its six.
+    """
+    folder = Path(folder)
+    try:
+        modules = json.loads((folder / "modules.json").read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"{folder}: not a sentence-transformers folder (no readable modules.json: {e}); pass a SparseEncoder folder") from e
+    if not modules or modules[-1].get("type") != SAE_TYPE:
+        raise InputError(f"{folder}: its last module is {modules[-1].get('type') if modules else 'missing'}, not a SparseAutoEncoder; pass a CSR/CSRv2 SparseEncoder folder")
+    head = load_head(folder / modules[-1]["path"])  # checks the six keys and the safetensors weights
+    from sentence_transformers import SentenceTransformer, SparseEncoder
+
+    encoder = SparseEncoder(str(folder), device="cpu", local_files_only=True)
+    return TextBackbone.from_model(SentenceTransformer(modules=list(encoder)[:-1], device="cpu"), str(folder)), head
+
+
+__all__ = ["export_sparse_encoder", "read_sparse_encoder"]

@@ -1,0 +1,98 @@
+"""The sentence-transformers format: SparseEncoder(path) loads an export and gives csrv2's codes; csrv2 reads such folders back."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import csrv2
+from csrv2.backbone import TextBackbone, resolve_text_model
+from csrv2.errors import InputError
+from csrv2.export import export_sparse_encoder, read_sparse_encoder
+
+TEXTS = ["Stocks fell as the bank cut its forecast.", "The striker scored twice in the final.",
+         "A new phone with a faster chip.", "Rain closed the valley roads.", "Rates rose again.", "The cup went to the home side."]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny head trained on MiniLM embeddings of six texts, and its export."""
+    backbone = TextBackbone(max_seq_length=32)
+    x = backbone.embed(TEXTS, progress=False)
+    head = csrv2.train(x, np.array([0, 1, 2, 3, 0, 1]), k=4, hidden_dim=64, epochs=3, batch_size=4, progress=False)
+    out = tmp_path_factory.mktemp("export") / "minilm-csrv2"
+    export_sparse_encoder(head, out, backbone, settings={"note": "test"})
+    return backbone, head, x, out
+
+
+def test_sparse_encoder_loads_the_export_and_gives_csrv2_codes(trained, monkeypatch):
+    from sentence_transformers import SparseEncoder
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    backbone, head, x, out = trained
+    model = SparseEncoder(str(out), device="cpu")
+    theirs = model.encode(TEXTS, convert_to_tensor=True, convert_to_sparse_tensor=False).to_dense()
+    ours = torch.from_numpy(csrv2.encode(head, x, progress=False).to_dense())
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
+    assert (theirs != 0).sum(dim=1).max() <= 4
+
+
+def test_export_keeps_the_six_keys_and_csrv2_settings_apart(trained):
+    _, head, _, out = trained
+    modules = json.loads((out / "modules.json").read_text())
+    config = json.loads((out / modules[-1]["path"] / "config.json").read_text())
+    assert config == head.config.to_dict() and len(config) == 6
+    assert json.loads((out / "csrv2.json").read_text())["note"] == "test"
+
+
+def test_csrv2_reads_the_folder_back(trained):
+    backbone, head, x, out = trained
+    backbone2, head2 = read_sparse_encoder(out)
+    for (name, a), (_, b) in zip(head.named_parameters(), head2.named_parameters()):
+        torch.testing.assert_close(a, b, msg=name)
+    np.testing.assert_allclose(backbone2.embed(TEXTS, progress=False), x, atol=1e-6)
+
+
+def test_existing_folder_needs_overwrite_and_is_replaced_whole(trained, tmp_path):
+    backbone, head, _, _ = trained
+    out = tmp_path / "m"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(InputError, match="already exists"):
+        export_sparse_encoder(head, out, backbone)
+    assert (out / "keep.txt").read_text() == "mine"
+    export_sparse_encoder(head, out, backbone, overwrite=True)
+    assert (out / "modules.json").is_file() and not (out / "keep.txt").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["m"]  # no temporary or old folder left
+
+
+def test_foreign_folders_are_refused(trained, tmp_path):
+    _, _, _, out = trained
+    with pytest.raises(InputError, match="no readable modules.json"):
+        read_sparse_encoder(tmp_path)
+    with pytest.raises(InputError, match="not a SparseAutoEncoder"):
+        read_sparse_encoder(resolve_text_model(None)[0])  # a dense sentence-transformers model
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    module = json.loads((bad / "modules.json").read_text())[-1]["path"]
+    config = json.loads((bad / module / "config.json").read_text())
+    (bad / module / "config.json").write_text(json.dumps({**config, "topk_mode": "batch"}))
+    with pytest.raises(InputError, match="not a sparse head's"):
+        read_sparse_encoder(bad)
+
+
+def test_cli_export(trained, tmp_path, capsys):
+    from csrv2.cli import main
+    from csrv2.model import save_head
+
+    _, head, _, _ = trained
+    save_head(head, tmp_path / "head", {"train": {"epochs": 3}})
+    args = ["export", "--model", str(tmp_path / "head"), "--max-seq-length", "32", "--out", str(tmp_path / "st")]
+    assert main(args) == 0
+    assert json.loads((tmp_path / "st" / "csrv2.json").read_text())["train"] == {"epochs": 3}
+    assert main(args) == 2 and "already exists" in capsys.readouterr().err
