@@ -7,7 +7,9 @@ per query), and one batch of queries (total time, queries/s). Top-10 throughout.
     ours:      csrv2.index.InvertedIndex over k-sparse codes at h = 16384 (k = 2 and 8). The codes are
                synthetic and *skewed* like a trained head's latents: each code holds k distinct latents
                drawn successively (without replacement, the same law as Gumbel-top-k on log p) from
-               p_j ~ 1 / (j + 10)^s, s = 1 (ids shuffled), values |N(0, 1)| + 0.1; queries alike. Skew
+               p_j ~ 1 / (j + 10)^s, s = 1 (ids shuffled), values |N(0, 1)| + 0.1; queries alike.
+               `--usage-from CODES.npz`: p_j is instead each latent's share of a real head's codes
+               (its h; latents it never uses stay unused). Skew
                matters: a uniform draw gives lists of n k / h, 2 x 122 postings per query at n = 1M,
                k = 2; this skew gives ~7,500 (printed as postings/q), and a heavy tail, so the median
                single query is cheaper than the batch's mean. `--codes` / `--query-codes`: real codes.
@@ -50,10 +52,22 @@ TOP_N = 10
 TARGETS = {"single_vs_dense_4096": 1000, "single_vs_mrl_32": 50, "batch_vs_mrl_32": 10, "bytes_per_vector_k2": 12}
 
 
-def zipf_codes(n: int, k: int, h: int, s: float, rng: np.random.Generator, perm: np.ndarray) -> SparseCodes:
-    """(n, k) codes: k distinct latents per row, drawn successively from p_j ~ (j + 10)^-s, then renamed by perm."""
+def zipf_law(h: int, s: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(cdf (h,), perm (h,)): p_j ~ (j + 10)^-s over latents renamed by a random permutation."""
     cdf = np.cumsum((np.arange(h) + 10.0) ** -s)
-    cdf /= cdf[-1]
+    return cdf / cdf[-1], rng.permutation(h)
+
+
+def usage_law(codes: SparseCodes) -> tuple[np.ndarray, np.ndarray]:
+    """(cdf (h,), identity perm): each latent's share of the non-zero values of real codes (unused latents: 0)."""
+    counts = np.bincount(codes.indices[codes.values > 0], minlength=codes.dim).astype(np.float64)
+    return np.cumsum(counts) / counts.sum(), np.arange(codes.dim)
+
+
+def drawn_codes(n: int, k: int, law: tuple[np.ndarray, np.ndarray], rng: np.random.Generator) -> SparseCodes:
+    """(n, k) codes: k distinct latents per row, drawn successively from the law's cdf, then renamed by its perm."""
+    cdf, perm = law
+    h = len(cdf)
     out, todo = np.empty((n, k), dtype=np.int32), np.arange(n)
     while todo.size:  # rows whose draws hold fewer than k distinct latents are drawn again
         cand = np.searchsorted(cdf, rng.random((todo.size, 2 * k + 8)), side="right")  # (m, c) with replacement
@@ -153,6 +167,7 @@ def main(argv=None):
     p.add_argument("--hidden-dim", type=int, default=16384, help="h, latents of the synthetic codes")
     p.add_argument("--ks", default="2,8", help="non-zeros per synthetic code, comma-separated")
     p.add_argument("--zipf", type=float, default=1.0, help="skew s of latent use, p_j ~ 1 / (j + 10)^s")
+    p.add_argument("--usage-from", metavar="CODES.npz", help="draw synthetic codes from the latent usage measured on these real codes (csrv2 encode), at their h, instead of the Zipf law")
     p.add_argument("--codes", help="a SparseCodes .npz (csrv2 encode) to index instead of synthetic codes")
     p.add_argument("--query-codes", help="queries for --codes (default: a random sample of --codes' rows)")
     p.add_argument("--metric", default="ip", choices=("ip", "cosine"), help="our index's metric")
@@ -183,9 +198,18 @@ def main(argv=None):
         sizes = sorted({min(s, len(real)) for s in sizes})
         ks, h = [real.k], real.dim
     else:
-        ks, h, perm = [int(k) for k in a.ks.split(",")], a.hidden_dim, rng.permutation(a.hidden_dim)
+        ks = [int(k) for k in a.ks.split(",")]
+        if a.usage_from:
+            measured = SparseCodes.load(a.usage_from)
+            law, h = usage_law(measured), measured.dim
+            used = np.diff(law[0], prepend=0) > 0
+            print(f"latent law measured on {len(measured)} codes of {a.usage_from}: {used.sum()} of {h} latents used, "
+                  f"the top 1% of latents hold {np.sort(np.diff(law[0], prepend=0))[::-1][: max(1, h // 100)].sum():.0%} of the values")
+        else:
+            law, h = zipf_law(a.hidden_dim, a.zipf, rng), a.hidden_dim
     print(f"faiss {faiss.__version__}, omp_get_max_threads() = {faiss.omp_get_max_threads()}; numpy {np.__version__}; "
-          f"h={h} ks={ks} zipf s={a.zipf} metric={a.metric} top-{TOP_N}; single: median of {a.single}, batch: {nq}")
+          f"h={h} ks={ks} law={'measured' if a.usage_from else f'zipf s={a.zipf}'} metric={a.metric} top-{TOP_N}; "
+          f"single: median of {a.single}, batch: {nq}")
 
     rows, ok, profile_case = [], True, None
     for size in sizes:
@@ -193,7 +217,7 @@ def main(argv=None):
             if a.codes:
                 db, qs = SparseCodes(real.indices[:size], real.values[:size], h), queries
             else:
-                db, qs = zipf_codes(size, k, h, a.zipf, rng, perm), zipf_codes(nq, k, h, a.zipf, rng, perm)
+                db, qs = drawn_codes(size, k, law, rng), drawn_codes(nq, k, law, rng)
             row, index, same = bench_sparse(db, qs, a)
             rows.append({"size": size, **row})
             print(f"  done {row['method']} n={size}", flush=True)

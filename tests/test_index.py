@@ -10,7 +10,7 @@ import pytest
 import csrv2.index as index_module
 from csrv2.codes import SparseCodes
 from csrv2.errors import InputError
-from csrv2.index import InvertedIndex
+from csrv2.index import InvertedIndex, pack_ids, unpack_ids
 
 
 def random_codes(n: int, dim: int, k: int, seed: int, levels=None, zero_frac: float = 0.1) -> SparseCodes:
@@ -117,7 +117,7 @@ def test_zero_slots_are_not_indexed():
     index = InvertedIndex.build(SparseCodes(indices, values, 5))
     assert len(index) == 3 and index.dim == 5
     assert index.offsets.tolist() == [0, 1, 2, 2, 3, 3]  # latent 2 (a zero slot of row 1) and 4 stay empty
-    assert index.ids.tolist() == [1, 0, 0] and index.values.tolist() == [5.0, 1.0, 2.0]
+    assert unpack_ids(index.ids).tolist() == [1, 0, 0] and index.values.tolist() == [5.0, 1.0, 2.0]
     queries = SparseCodes(np.array([[3, 0], [2, 4]], np.int32), np.array([[1.0, 2.0], [1.0, 1.0]], np.float32), 5)
     ids, scores = index.search(queries, 3)
     assert ids.tolist() == [[1, 0, -1], [-1, -1, -1]]  # worked by hand: row 1 scores 5 x 2, row 0 scores 2 x 1
@@ -192,7 +192,7 @@ def rewrite(path, data: bytes):
     [
         (lambda b: b"PK\x03\x04" + b[4:], "not a csrv2 index file"),
         (lambda b: b[:3], "not a csrv2 index file"),
-        (lambda b: b[:8] + (2).to_bytes(4, "little") + b[12:], "format version 2, this csrv2 reads version 1"),
+        (lambda b: b[:8] + (1).to_bytes(4, "little") + b[12:], "format version 1, this csrv2 reads version 2"),
         (lambda b: b[:40], "truncated"),
         (lambda b: b[:-10], "truncated"),
         (lambda b: b + b"\0" * 64, "truncated or damaged"),
@@ -282,7 +282,25 @@ def test_query_and_code_validation():
 def test_bytes_per_vector_at_k2():
     n, dim = 10_000, 1536
     index = InvertedIndex.build(random_codes(n, dim, 2, seed=19, zero_frac=0.0))
-    # 2 postings x (4 B id + 2 B value) = 12 B, plus the (dim + 1) int64 offsets shared by all n vectors
-    assert index.nbytes == n * 12 + (dim + 1) * 8
-    assert index.bytes_per_vector() == pytest.approx(12 + 8 * 1537 / 10_000)  # 13.2296
+    # 2 postings x (3 B id + 2 B value) = 10 B, plus the (dim + 1) int64 offsets shared by all n vectors
+    assert index.nbytes == n * 10 + (dim + 1) * 8
+    assert index.bytes_per_vector() == pytest.approx(10 + 8 * 1537 / 10_000)  # 11.2296
     print(f"bytes per vector at k = 2, n = {n}, dim = {dim}: {index.bytes_per_vector():.4f}")
+
+
+def test_ids_pack_into_three_bytes_and_back():
+    ids = np.array([0, 1, 255, 256, 65535, 65536, 2**24 - 1])
+    packed = pack_ids(ids)
+    assert packed.shape == (7, 3) and packed.dtype == np.uint8
+    assert unpack_ids(packed).tolist() == ids.tolist()
+    assert packed[3].tolist() == [0, 1, 0]  # 256, little-endian
+
+
+def test_more_than_2_pow_24_vectors_are_refused(monkeypatch):
+    import csrv2.index as index_module
+
+    monkeypatch.setattr(index_module, "MAX_VECTORS", 4)
+    codes = random_codes(3, 16, 2, seed=3)
+    index = InvertedIndex.build(codes)
+    with pytest.raises(InputError, match="3-byte ids"):
+        index.add(codes)

@@ -225,11 +225,11 @@ def test_code_stats_by_hand():
     # dim 6, k 2. Non-zero values: row 0 latents 0 and 1, row 1 latent 1 (latent 2 holds a 0),
     # row 2 none (both slots 0). active_dims = (2 + 1 + 0) / 3 = 1.
     # Latents ever non-zero: {0, 1}, so 4 of 6 are dead: 66.67 %.
-    # Index bytes per code: 3 non-zero values x 6 bytes over 3 codes = 6 (the shared offsets not counted).
+    # Index bytes per code: 3 non-zero values x 5 bytes over 3 codes = 5 (the shared offsets not counted).
     codes = SparseCodes(
         np.array([[0, 1], [1, 2], [3, 0]], dtype=np.int32), np.array([[2, 1], [3, 0], [0, 0]], dtype=np.float32), 6
     )
-    assert code_stats(codes) == pytest.approx({"active_dims": 1.0, "dead_latents_pct": 400 / 6, "bytes_per_vector": 6.0})
+    assert code_stats(codes) == pytest.approx({"active_dims": 1.0, "dead_latents_pct": 400 / 6, "bytes_per_vector": 5.0})
 
 
 def test_dense_bytes_per_vector():

@@ -3,10 +3,10 @@ query touches, not the number of indexed vectors.
 
 Layout, CSR over latents (one posting list per latent):
     offsets: (dim + 1,) int64   the postings of latent j are [offsets[j], offsets[j + 1])
-    ids:     (nnz,) uint32      vector ids, ascending inside each list
+    ids:     (nnz, 3) uint8     vector ids as 24-bit little-endian integers, ascending inside each list
     values:  (nnz,) float16     the vector's value on that latent (of the L2-normalised code for "cosine")
-so each non-zero value costs 6 bytes (12 per vector at k = 2), plus 8 (dim + 1) bytes of offsets shared
-by all vectors.
+so each non-zero value costs 5 bytes (10 per vector at k = 2), plus 8 (dim + 1) bytes of offsets shared
+by all vectors. Three-byte ids cap an index at 2^24 (16.7M) vectors: shard beyond that, or use Qdrant.
 
 Search: a query with k non-zero latents gathers those k lists (m postings, about k * nnz / dim when
 latents are evenly used), sums the contributions per vector (a merge of sorted lists, then np.add.reduceat) and keeps
@@ -36,21 +36,33 @@ except ImportError:
     numba = None
 
 MAGIC = b"CSRV2IDX"
-VERSION = 1
+VERSION = 2  # 2: 3-byte ids (version 1 stored uint32 ids)
 METRICS = ("ip", "cosine")
 HEADER_SIZE = 64
 FIELDS = struct.Struct("<8sIIQQQ")  # magic, version, metric, dim, n, nnz; the crc32 (<I) follows
 CRC = struct.Struct("<I")
 F16_MAX = float(np.finfo(np.float16).max)
-MAX_VECTORS = 2**32  # ids are uint32
+ID_BYTES = 3
+MAX_VECTORS = 2 ** (8 * ID_BYTES)
 CHUNK = 1 << 24  # bytes read at a time when verifying the checksum
 
 
 def _layout(dim: int, nnz: int) -> tuple[int, int, int, int]:
     """Byte offsets of the offsets, ids and values arrays in a file (each a multiple of 64), and the file's size."""
     ids_at = -(-(HEADER_SIZE + 8 * (dim + 1)) // 64) * 64
-    values_at = -(-(ids_at + 4 * nnz) // 64) * 64
+    values_at = -(-(ids_at + ID_BYTES * nnz) // 64) * 64
     return HEADER_SIZE, ids_at, values_at, values_at + 2 * nnz
+
+
+def pack_ids(ids: np.ndarray) -> np.ndarray:
+    """(m,) ids in [0, 2^24) -> (m, 3) uint8, little-endian."""
+    return np.ascontiguousarray(np.asarray(ids, dtype="<u4").view(np.uint8).reshape(-1, 4)[:, :ID_BYTES])
+
+
+def unpack_ids(packed: np.ndarray) -> np.ndarray:
+    """(m, 3) uint8 -> (m,) int64 ids."""
+    p = np.asarray(packed, dtype=np.int64)
+    return p[:, 0] | (p[:, 1] << 8) | (p[:, 2] << 16)
 
 
 def check_codes(codes: SparseCodes, what: str) -> np.ndarray:
@@ -83,7 +95,7 @@ def code_weights(codes: SparseCodes, metric: str) -> np.ndarray:
 
 
 def _postings(codes: SparseCodes, metric: str, first_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """CSR arrays (offsets (dim+1,) int64, ids (nnz,) uint32, values (nnz,) float16) of `codes`, ids from `first_id`."""
+    """CSR arrays (offsets (dim+1,) int64, ids (nnz, 3) uint8, values (nnz,) float16) of `codes`, ids from `first_id`."""
     used = check_codes(codes, "codes")
     w = code_weights(codes, metric)
     if (w > F16_MAX).any():
@@ -94,7 +106,7 @@ def _postings(codes: SparseCodes, metric: str, first_id: int) -> tuple[np.ndarra
     order = np.argsort(latents, kind="stable")  # rows come ascending, so stable keeps ids sorted in each list
     offsets = np.zeros(codes.dim + 1, dtype=np.int64)
     np.cumsum(np.bincount(latents, minlength=codes.dim), out=offsets[1:])
-    return offsets, (rows[order] + first_id).astype(np.uint32), w16[rows, slots][order]
+    return offsets, pack_ids(rows[order] + first_id), w16[rows, slots][order]
 
 
 def _top(cand: np.ndarray, score: np.ndarray, top_n: int) -> np.ndarray:
@@ -143,7 +155,7 @@ def _search_kernel(offsets, ids, bits, half, q_idx, q_val, scratch, out_ids, out
             if w <= 0:
                 continue
             for p in range(offsets[q_idx[r, a]], offsets[q_idx[r, a] + 1]):
-                d = np.int64(ids[p])
+                d = np.int64(ids[p, 0]) | (np.int64(ids[p, 1]) << 8) | (np.int64(ids[p, 2]) << 16)
                 if scratch[d] == 0.0:  # every contribution is > 0, so 0 means not seen yet
                     touched[m] = d
                     m += 1
@@ -183,7 +195,7 @@ def _read(path: Path, dtype: str, offset: int, count: int, mmap: bool) -> np.nda
 class InvertedIndex:
     """Posting lists of n sparse vectors over `dim` latents, searched exactly by inner product or cosine.
 
-    offsets (dim + 1,) int64, ids (nnz,) uint32, values (nnz,) float16: see the module docstring.
+    offsets (dim + 1,) int64, ids (nnz, 3) uint8 (24-bit ids), values (nnz,) float16: see the module docstring.
     Build with `InvertedIndex.build(codes)`, read a saved one with `InvertedIndex.open(path)`.
     """
 
@@ -201,7 +213,7 @@ class InvertedIndex:
         if metric not in METRICS:
             raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
         if len(codes) > MAX_VECTORS:
-            raise InputError(f"{len(codes)} codes exceed the index's {MAX_VECTORS} uint32 ids; split them across indexes")
+            raise InputError(f"{len(codes)} codes exceed the index's {MAX_VECTORS} 3-byte ids; split them across indexes")
         return cls(*_postings(codes, metric, 0), n=len(codes), metric=metric)
 
     def add(self, codes: SparseCodes) -> None:
@@ -213,7 +225,7 @@ class InvertedIndex:
         if codes.dim != self.dim:
             raise InputError(f"codes have dim {codes.dim} but the index has dim {self.dim}; add codes from the same head")
         if len(self) + len(codes) > MAX_VECTORS:
-            raise InputError(f"{len(self) + len(codes)} vectors exceed the index's {MAX_VECTORS} uint32 ids; start another index")
+            raise InputError(f"{len(self) + len(codes)} vectors exceed the index's {MAX_VECTORS} 3-byte ids; start another index")
         off_b, ids_b, values_b = _postings(codes, self.metric, len(self))
         # New ids all exceed the old ones, so merged list j is old list j followed by new list j: old
         # posting p of latent j moves to p + off_b[j], new posting q of latent j to q + off_a[j + 1].
@@ -222,7 +234,7 @@ class InvertedIndex:
         lat_b = np.repeat(np.arange(self.dim), np.diff(off_b))
         pos_a = np.arange(nnz_a) + off_b[lat_a]
         pos_b = np.arange(len(ids_b)) + off_a[lat_b + 1]
-        ids = np.empty(nnz_a + len(ids_b), dtype=np.uint32)
+        ids = np.empty((nnz_a + len(ids_b), ID_BYTES), dtype=np.uint8)
         values = np.empty(nnz_a + len(ids_b), dtype=np.float16)
         ids[pos_a], ids[pos_b] = self.ids, ids_b
         values[pos_a], values[pos_b] = self.values, values_b
@@ -241,7 +253,7 @@ class InvertedIndex:
         return self.offsets.nbytes + self.ids.nbytes + self.values.nbytes
 
     def bytes_per_vector(self) -> float:
-        """`nbytes / len(self)`, offsets included: 6 per non-zero value + 8 (dim + 1) / n; NaN when empty."""
+        """`nbytes / len(self)`, offsets included: 5 per non-zero value + 8 (dim + 1) / n; NaN when empty."""
         return self.nbytes / len(self) if len(self) else float("nan")
 
     def __repr__(self) -> str:
@@ -276,7 +288,7 @@ class InvertedIndex:
             starts, ends = self.offsets[latents], self.offsets[latents + 1]
             if latents.size == 0 or (ends == starts).all():
                 continue
-            doc = np.concatenate([self.ids[s:e] for s, e in zip(starts, ends)])
+            doc = np.concatenate([unpack_ids(self.ids[s:e]) for s, e in zip(starts, ends)])
             val = np.concatenate([self.values[s:e] for s, e in zip(starts, ends)]).astype(np.float64)
             contrib = val * np.repeat(weights[r][used[r]].astype(np.float64), ends - starts)
             # Each list is sorted by id, so a stable sort merges k sorted runs (timsort: several
@@ -297,7 +309,7 @@ class InvertedIndex:
         file that an open index maps is safe on POSIX: the mapping keeps the old contents.
         """
         path = Path(path)
-        arrays = [np.ascontiguousarray(a, dtype=t) for a, t in ((self.offsets, "<i8"), (self.ids, "<u4"), (self.values, "<f2"))]
+        arrays = [np.ascontiguousarray(a, dtype=t).reshape(-1) for a, t in ((self.offsets, "<i8"), (self.ids, "u1"), (self.values, "<f2"))]
         fields = FIELDS.pack(MAGIC, VERSION, METRICS.index(self.metric), self.dim, len(self), len(self.ids))
         pieces, at = [], HEADER_SIZE  # the payload: each array preceded by zero padding up to its aligned start
         for start, a in zip(_layout(self.dim, len(self.ids)), arrays):
@@ -355,5 +367,5 @@ class InvertedIndex:
         offsets = _read(path, "<i8", offsets_at, dim + 1, mmap)
         if metric >= len(METRICS) or offsets[0] != 0 or offsets[-1] != nnz:
             raise InputError(f"{path}: corrupted (inconsistent header or offsets); save the index again from its codes")
-        ids, values = _read(path, "<u4", ids_at, nnz, mmap), _read(path, "<f2", values_at, nnz, mmap)
+        ids, values = _read(path, "u1", ids_at, ID_BYTES * nnz, mmap).reshape(nnz, ID_BYTES), _read(path, "<f2", values_at, nnz, mmap)
         return cls(offsets, ids, values, n=n, metric=METRICS[metric])

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .codes import SparseCodes
-from .index import InvertedIndex, query_weights
+from .index import InvertedIndex, query_weights, unpack_ids
 
 
 class TorchIndex:
@@ -33,7 +33,7 @@ class TorchIndex:
             warnings.simplefilter("ignore", UserWarning)
             self.postings = torch.sparse_csr_tensor(  # X^T: (dim, n)
                 torch.from_numpy(np.asarray(index.offsets, dtype=np.int64)),
-                torch.from_numpy(np.asarray(index.ids).astype(np.int64)),
+                torch.from_numpy(unpack_ids(index.ids)),
                 torch.from_numpy(np.asarray(index.values).astype(np.float32)),
                 (self.dim, self.n),
             ).to(self.device)

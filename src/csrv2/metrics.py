@@ -158,8 +158,8 @@ def code_stats(codes: SparseCodes) -> dict[str, float]:
     """Size and use of (n, k) codes over `dim` latents.
 
     active_dims: mean number of non-zero values per code; dead_latents_pct: % of the dim latents
-    non-zero in no code here; bytes_per_vector: what an `InvertedIndex` stores per code (a uint32 id
-    and a float16 value per non-zero, 6 bytes each), without the index's 8 (dim + 1) bytes of posting
+    non-zero in no code here; bytes_per_vector: what an `InvertedIndex` stores per code (a 3-byte id
+    and a float16 value per non-zero, 5 bytes each), without the index's 8 (dim + 1) bytes of posting
     offsets, which all codes share and which would otherwise swamp the figure on a small set.
     """
     index = InvertedIndex.build(codes)
