@@ -189,8 +189,9 @@ class Suite:
     def head_key(self, training_set: str, method: str, size: int) -> str | None:
         if method in ("dense", "mrl-truncate"):
             return None
-        size = max(self.cfg.k) if method == "mrl-linear" else size  # one Matryoshka head serves every prefix
-        return _hash([_data_hash(self.data[training_set]), method, size, sorted(self.cfg.k), self.budget, self.cfg.hidden_dim, __version__])
+        # One Matryoshka head serves every prefix, so it depends on the whole list of sizes; a sparse head on its k alone.
+        size = sorted(self.cfg.k) if method == "mrl-linear" else size
+        return _hash([_data_hash(self.data[training_set]), method, size, self.budget, self.cfg.hidden_dim, __version__])
 
     def representation(self, task: Task, method: str, size: int):
         """(function from dense embeddings to what is scored, training facts for the row)."""
