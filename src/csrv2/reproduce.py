@@ -30,7 +30,7 @@ from .backbone import ImageBackbone, TextBackbone
 from .baselines import load_matryoshka, save_matryoshka, train_matryoshka, truncate
 from .cache import EmbeddingCache
 from .codes import SparseCodes, encode
-from .config import HeadConfig, TrainConfig, preset
+from .config import HeadConfig, TrainConfig, preset, resolve_device
 from .datasets import load_dataset
 from .evaluate import DEFAULT_TASKS, TASKS, EmbeddedSet, Task, embed_dataset, hold_out, score, training_data
 from .metrics import code_stats, dense_bytes_per_vector
@@ -121,15 +121,11 @@ class Suite:
         self.cfg, self.progress = config.resolved(), progress
         self.out = Path(self.cfg.out)
         self.cache = EmbeddingCache(Path(self.cfg.cache_dir) / "embeddings" if self.cfg.cache_dir else None)
-        self.text = TextBackbone(self.cfg.model or None, device=self._backbone_device(), max_seq_length=self.cfg.max_seq_length)
-        self.image = ImageBackbone(self.cfg.image_size, device=self._backbone_device())
+        device = str(resolve_device(self.cfg.device))  # resolved once; the trainers resolve the same name
+        self.text = TextBackbone(self.cfg.model or None, device=device, max_seq_length=self.cfg.max_seq_length)
+        self.image = ImageBackbone(self.cfg.image_size, device=device)
         self.data: dict[str, EmbeddedSet] = {}
         self.budget = {"epochs": self.cfg.epochs, "seed": self.cfg.seed, "device": self.cfg.device}  # every trained method's
-
-    def _backbone_device(self) -> str:
-        from .config import resolve_device
-
-        return str(resolve_device(self.cfg.device))
 
     # --- the run, top to bottom -------------------------------------------------------------
     def run(self) -> dict:
