@@ -14,9 +14,13 @@ import numpy as np
 from .config import CONTRASTIVE_MODES, PRESETS, HeadConfig, TrainConfig, field_docs
 from .datasets import DATASETS as DATASET_NAMES
 from .evaluate import TASKS
+from .finetune import FinetuneConfig
 from .reproduce import METHODS, SuiteConfig
 
 HEAD_OPTIONS = ("k", "hidden_dim", "k_aux", "normalize", "dead_threshold")
+# The TrainConfig fields end-to-end training reads (its contrastive form follows the data; it writes no checkpoints yet).
+FINETUNE_TRAIN_OPTIONS = ("epochs", "batch_size", "lr", "adam_eps", "anneal", "k_init", "decay_ratio", "multi_k_coef",
+                          "aux_coef", "cl_coef", "temperature", "seed", "device")
 
 
 def _add_dataclass_options(parser: argparse.ArgumentParser, cls, names=None, choices: dict | None = None) -> None:
@@ -152,6 +156,28 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, metavar="DIR", help="folder to write")
     export.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     _add_backbone_options(export, "the packaged all-MiniLM-L6-v2")
+
+    finetune = sub.add_parser(
+        "finetune",
+        help="train a backbone and a sparse head together on texts (end-to-end CSRv2)",
+        description="Train the text backbone and a CSRv2 head end to end on texts with labels (supervised loss) or "
+                    "query/document pairs (pairs loss), and write the result as a sentence-transformers SparseEncoder folder.",
+    )
+    data = finetune.add_argument_group("data and output")
+    data.add_argument("--data", required=True, metavar="NAME|FILE", help="a packaged data set's train split, or a .csv/.jsonl/.parquet file")
+    data.add_argument("--max-rows", type=int, default=None, help="seeded subset of a packaged split (default: all)")
+    data.add_argument("--text-column", default="text", help="text column of a table")
+    data.add_argument("--label-column", default="label", help="label column of a table; '' for none (self-supervised)")
+    data.add_argument("--pairs", action="store_true", help="the file holds query/document pairs")
+    data.add_argument("--query-column", default="query", help="query column of a pairs file")
+    data.add_argument("--document-column", default="document", help="document column of a pairs file")
+    data.add_argument("--out", required=True, metavar="DIR", help="SparseEncoder folder to write")
+    data.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    data.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    _add_backbone_options(finetune, "the packaged all-MiniLM-L6-v2")
+    _add_dataclass_options(finetune.add_argument_group("sparse head"), HeadConfig, ("k", "hidden_dim"))
+    _add_dataclass_options(finetune.add_argument_group("training (lr is the head's)"), TrainConfig, FINETUNE_TRAIN_OPTIONS)
+    _add_dataclass_options(finetune.add_argument_group("end to end"), FinetuneConfig)
 
     reproduce = sub.add_parser(
         "reproduce",
@@ -309,6 +335,25 @@ def run_export(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}: SparseEncoder({backbone.name} -> {head.config.hidden_dim} latents, k = {head.config.k})")
 
 
+def run_finetune(args: argparse.Namespace) -> None:
+    from .backbone import TextBackbone
+    from .embedding import read_source
+    from .finetune import finetune_text
+
+    items = read_source(args.data, pairs=args.pairs, text_column=args.text_column, label_column=args.label_column or None,
+                        query_column=args.query_column, document_column=args.document_column, max_rows=args.max_rows)
+    if "images" in items:
+        raise ValueError(f"{args.data} holds images; end-to-end training takes texts for now")
+    texts = items.get("texts", items.get("queries"))
+    ft_fields = [f.name for f in dataclasses.fields(FinetuneConfig)]
+    backbone, head = finetune_text(
+        TextBackbone(args.backbone, max_seq_length=args.max_seq_length), texts, items.get("labels"), items.get("documents"),
+        k=args.k or 2, hidden_dim=args.hidden_dim or 0, train=TrainConfig(**_given(args, FINETUNE_TRAIN_OPTIONS)),
+        finetune=FinetuneConfig(**_given(args, ft_fields)), out=args.out, overwrite=args.overwrite, progress=not args.no_progress,
+    )
+    print(f"wrote {args.out}: SparseEncoder({backbone.name} -> {head.config.hidden_dim} latents, k = {head.config.k})")
+
+
 def run_reproduce(args: argparse.Namespace) -> None:
     from .report import markdown_table, target_lines
     from .reproduce import reproduce
@@ -323,7 +368,7 @@ def run_reproduce(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        commands = {"train": run_train, "encode": run_encode, "index": run_index, "search": run_search, "embed": run_embed, "export": run_export, "reproduce": run_reproduce}
+        commands = {"train": run_train, "encode": run_encode, "index": run_index, "search": run_search, "embed": run_embed, "export": run_export, "finetune": run_finetune, "reproduce": run_reproduce}
         commands[args.command](args)
     except (ValueError, FileNotFoundError) as e:  # InputError is a ValueError: bad input, said in one line
         print(f"csrv2: error: {e}", file=sys.stderr)

@@ -31,17 +31,13 @@ def _packaged(name: str, split: str, max_rows: int | None, seed: int):
 
 def texts_of(source: str, split: str = "test", text_column: str = "text", max_rows: int | None = None, seed: int = 0) -> list[str]:
     """The texts to index from a packaged data set's split (a retrieval set's documents) or a table file's text column."""
-    if source not in DATASETS:
-        if not Path(source).exists():
-            raise InputError(f"{source}: neither a packaged data set ({', '.join(DATASETS)}) nor an existing file")
-        return read_table(source, text_column, None)[0]
-    items = _packaged(source, split, max_rows, seed)
+    items = read_source(source, split=split, text_column=text_column, label_column=None, max_rows=max_rows, seed=seed)
     if "images" in items:
         raise InputError(f"{source} holds images; a text index needs texts")
     return list(items.get("documents", items.get("texts")))
 
 
-def embed_source(
+def read_source(
     source: str,
     *,
     split: str = "train",
@@ -50,38 +46,43 @@ def embed_source(
     label_column: str | None = "label",
     query_column: str = "query",
     document_column: str = "document",
+    max_rows: int | None = None,
+    seed: int = 0,
+) -> dict:
+    """What a packaged data set's split (source = its name) or a file holds: {"texts", "labels"} (no
+    "labels" when label_column is None), {"queries", "documents"} (pairs=True, or a retrieval set),
+    {"texts"} (Lee-50) or {"images", "labels"} (an .npz file or an image set)."""
+    if split not in SPLITS:
+        raise InputError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    if source in DATASETS:
+        return _packaged(source, split, max_rows, seed)
+    if not Path(source).exists():
+        raise InputError(f"{source}: neither a packaged data set ({', '.join(DATASETS)}) nor an existing file")
+    if pairs:
+        queries, documents = read_pairs(source, query_column, document_column)
+        return {"queries": queries, "documents": documents}
+    if Path(source).suffix == ".npz":
+        images, labels = read_images(source)
+        return {"images": images, "labels": labels}
+    texts, labels = read_table(source, text_column, label_column)
+    return {"texts": texts} if labels is None else {"texts": texts, "labels": labels}
+
+
+def embed_source(
+    source: str,
+    *,
     model: str | None = None,
     max_seq_length: int | None = None,
     image_size: int = 64,
     batch_size: int = 32,
     device: str = "cpu",
-    max_rows: int | None = None,
-    seed: int = 0,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    **read,
 ) -> dict[str, np.ndarray]:
-    """Embed a packaged data set's split (source = its name) or a file: .csv/.jsonl/.parquet texts
-    (with labels unless label_column is None; pairs=True reads query/document columns) or an .npz
-    of images and labels. Returns the named arrays of a training file."""
-    if split not in SPLITS:
-        raise InputError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-    if source in DATASETS:
-        items = _packaged(source, split, max_rows, seed)
-    elif not Path(source).exists():
-        raise InputError(f"{source}: neither a packaged data set ({', '.join(DATASETS)}) nor an existing file")
-    elif pairs:
-        queries, documents = read_pairs(source, query_column, document_column)
-        items = {"queries": queries, "documents": documents}
-    elif Path(source).suffix == ".npz":
-        images, labels = read_images(source)
-        items = {"images": images, "labels": labels}
-    elif label_column is None:
-        texts, _ = read_table(source, text_column, None)
-        items = {"texts": texts}
-    else:
-        texts, labels = read_table(source, text_column, label_column)
-        items = {"texts": texts, "labels": labels}
-
+    """Embed what `read_source(source, **read)` holds, through the cache; returns the named arrays of a
+    training file: embeddings (+ labels), or queries and documents."""
+    items = read_source(source, **read)
     backbone = (ImageBackbone(image_size, device=device) if "images" in items
                 else TextBackbone(model, device=device, max_seq_length=max_seq_length, batch_size=batch_size))
     cache = EmbeddingCache(Path(cache_dir) / "embeddings" if cache_dir else None)
@@ -111,4 +112,4 @@ def save_arrays(arrays: dict[str, np.ndarray], path: str | os.PathLike) -> Path:
     return path
 
 
-__all__ = ["SPLITS", "embed_source", "npz_path", "save_arrays", "texts_of"]
+__all__ = ["SPLITS", "embed_source", "npz_path", "read_source", "save_arrays", "texts_of"]
