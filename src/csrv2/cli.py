@@ -130,12 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     embed.add_argument("--data", required=True, metavar="NAME|FILE", help=f"a packaged data set ({', '.join(DATASET_NAMES)}) or a file")
     embed.add_argument("--out", required=True, metavar="E.npz", help="output file, written atomically")
     embed.add_argument("--split", choices=("train", "test"), default="train", help="split of a packaged data set")
-    embed.add_argument("--max-rows", type=int, default=None, help="seeded subset of a packaged split (default: all)")
-    embed.add_argument("--text-column", default="text", help="text column of a table")
-    embed.add_argument("--label-column", default="label", help="label column of a table; '' for none")
-    embed.add_argument("--pairs", action="store_true", help="the file holds query/document pairs")
-    embed.add_argument("--query-column", default="query", help="query column of a pairs file")
-    embed.add_argument("--document-column", default="document", help="document column of a pairs file")
+    _add_source_options(embed)
     embed.add_argument("--model", default=None, help="sentence-transformers folder or hub name (default: the packaged all-MiniLM-L6-v2)")
     embed.add_argument("--max-seq-length", type=int, default=None, help="tokens kept per text (default: the model's)")
     embed.add_argument("--image-size", type=int, default=64, help="side images are resized to for EfficientNet-Lite0")
@@ -165,12 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     data = finetune.add_argument_group("data and output")
     data.add_argument("--data", required=True, metavar="NAME|FILE", help="a packaged data set's train split, or a .csv/.jsonl/.parquet file")
-    data.add_argument("--max-rows", type=int, default=None, help="seeded subset of a packaged split (default: all)")
-    data.add_argument("--text-column", default="text", help="text column of a table")
-    data.add_argument("--label-column", default="label", help="label column of a table; '' for none (self-supervised)")
-    data.add_argument("--pairs", action="store_true", help="the file holds query/document pairs")
-    data.add_argument("--query-column", default="query", help="query column of a pairs file")
-    data.add_argument("--document-column", default="document", help="document column of a pairs file")
+    _add_source_options(data)
     data.add_argument("--out", required=True, metavar="DIR", help="SparseEncoder folder to write")
     data.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     data.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -201,6 +191,22 @@ def _add_encoding_options(parser: argparse.ArgumentParser, flag: str, metavar: s
     parser.add_argument("--batch-size", type=int, default=4096, help="rows encoded at once")
     parser.add_argument("--device", default="cpu", help="auto, cpu, cuda, cuda:N or mps")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def _add_source_options(parser) -> None:
+    """How `read_source` reads a packaged split or a file: shared by embed and finetune."""
+    parser.add_argument("--max-rows", type=int, default=None, help="seeded subset of a packaged split (default: all)")
+    parser.add_argument("--text-column", default="text", help="text column of a table")
+    parser.add_argument("--label-column", default="label", help="label column of a table; '' for none")
+    parser.add_argument("--pairs", action="store_true", help="the file holds query/document pairs")
+    parser.add_argument("--query-column", default="query", help="query column of a pairs file")
+    parser.add_argument("--document-column", default="document", help="document column of a pairs file")
+
+
+def _source(args: argparse.Namespace) -> dict:
+    """The `read_source` keywords of the options `_add_source_options` added."""
+    return {"pairs": args.pairs, "text_column": args.text_column, "label_column": args.label_column or None,
+            "query_column": args.query_column, "document_column": args.document_column, "max_rows": args.max_rows}
 
 
 def _add_backbone_options(parser: argparse.ArgumentParser, default: str) -> None:
@@ -311,10 +317,8 @@ def run_embed(args: argparse.Namespace) -> None:
 
     npz_path(args.out)
     arrays = embed_source(
-        args.data, split=args.split, pairs=args.pairs, text_column=args.text_column, label_column=args.label_column or None,
-        query_column=args.query_column, document_column=args.document_column, model=args.model,
-        max_seq_length=args.max_seq_length, image_size=args.image_size, batch_size=args.batch_size, device=args.device,
-        max_rows=args.max_rows, seed=args.seed, cache_dir=args.cache_dir, progress=not args.no_progress,
+        args.data, split=args.split, seed=args.seed, model=args.model, max_seq_length=args.max_seq_length, image_size=args.image_size,
+        batch_size=args.batch_size, device=args.device, cache_dir=args.cache_dir, progress=not args.no_progress, **_source(args),
     )
     save_arrays(arrays, args.out)
     print(f"wrote {args.out}: " + ", ".join(f"{name} {a.shape}" for name, a in arrays.items()))
@@ -340,8 +344,7 @@ def run_finetune(args: argparse.Namespace) -> None:
     from .embedding import read_source
     from .finetune import finetune_text
 
-    items = read_source(args.data, pairs=args.pairs, text_column=args.text_column, label_column=args.label_column or None,
-                        query_column=args.query_column, document_column=args.document_column, max_rows=args.max_rows)
+    items = read_source(args.data, **_source(args))
     if "images" in items:
         raise ValueError(f"{args.data} holds images; end-to-end training takes texts for now")
     texts = items.get("texts", items.get("queries"))
