@@ -96,7 +96,8 @@ def finetune_text(
     bar = tqdm(total=total, desc="finetune", unit="step", disable=not progress)
     for step in range(total):
         epoch, position = divmod(step, steps_per_epoch)
-        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(texts))
+        if position == 0:  # one order per epoch, the head-only trainer's
+            order = np.random.default_rng([cfg.seed, epoch]).permutation(len(texts))
         rows = order[position * per_step : (position + 1) * per_step]
         k_t = k_at_step(step, total, k_init, k, cfg.decay_ratio)
         dead = counters > head_config.dead_threshold

@@ -125,6 +125,7 @@ class Suite:
         self.text = TextBackbone(self.cfg.model or None, device=device, max_seq_length=self.cfg.max_seq_length)
         self.image = ImageBackbone(self.cfg.image_size, device=device)
         self.data: dict[str, EmbeddedSet] = {}
+        self.hashes: dict[str, str] = {}  # data set name -> digest of its embeddings and labels, taken once
         self.budget = {"epochs": self.cfg.epochs, "seed": self.cfg.seed, "device": self.cfg.device}  # every trained method's
 
     # --- the run, top to bottom -------------------------------------------------------------
@@ -135,6 +136,7 @@ class Suite:
             tasks = [t for t in tasks if t.dataset == t.training_set]
         for name in dict.fromkeys(n for t in tasks for n in (t.dataset, t.training_set)):
             self.data[name] = self.embed(name)
+            self.hashes[name] = _data_hash(self.data[name])
         plan = [(task, method, size) for task in tasks for method in self.cfg.methods for size in self.sizes(method, task)]
         rows = []
         bar = tqdm(plan, desc="reproduce", unit="row", disable=not self.progress)
@@ -165,7 +167,7 @@ class Suite:
     def row(self, task: Task, method: str, size: int) -> dict:
         """Score one (task, method, size), reusing the stored row when everything that makes it matches."""
         train_key = self.head_key(task.training_set, method, size)
-        key = _hash([task, _data_hash(self.data[task.dataset]), train_key, method, size, __version__])
+        key = _hash([task, self.hashes[task.dataset], train_key, method, size, __version__])
         path = self.out / "rows" / task.name / f"{method}-{size}-{key}.json"
         if path.exists():
             try:
@@ -187,7 +189,7 @@ class Suite:
             return None
         # One Matryoshka head serves every prefix, so it depends on the whole list of sizes; a sparse head on its k alone.
         size = sorted(self.cfg.k) if method == "mrl-linear" else size
-        return _hash([_data_hash(self.data[training_set]), method, size, self.budget, self.cfg.hidden_dim, __version__])
+        return _hash([self.hashes[training_set], method, size, self.budget, self.cfg.hidden_dim, __version__])
 
     def representation(self, task: Task, method: str, size: int):
         """(function from dense embeddings to what is scored, training facts for the row)."""
