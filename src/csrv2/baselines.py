@@ -25,6 +25,7 @@ from .data import TrainingData
 from .errors import InputError
 from .losses import pairs_contrastive_loss, self_contrastive_loss, supervised_contrastive_loss
 from .model import write_json
+from .trainer import batch_embeddings, contrastive_mode, epoch_order
 
 MRL_DIMS = (2, 4, 8, 16, 32, 64)
 MRL_CONFIG, MRL_WEIGHTS = "mrl.json", "mrl.safetensors"
@@ -92,18 +93,18 @@ def train_matryoshka(data: TrainingData, cfg: TrainConfig, dims: tuple[int, ...]
         head.linear.weight.copy_(torch.from_numpy(weight))
         head.linear.bias.copy_(torch.from_numpy(bias))
     head.to(device)
-    mode = "supervised" if data.labels is not None else "pairs" if data.documents is not None else "self"
+    mode = contrastive_mode(cfg, data)
+    if mode == "none":
+        raise ValueError("a Matryoshka head learns only through its contrastive loss; choose a contrastive form other than 'none'")
     optimizer = torch.optim.Adam(head.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
     b = cfg.batch_size
     steps = -(-len(data) // b)
     bar = tqdm(total=steps * cfg.epochs, desc="train mrl", unit="step", disable=not progress)
     for epoch in range(cfg.epochs):
-        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(data))  # the sparse trainer's order
+        order = epoch_order(cfg.seed, epoch, len(data))  # the sparse trainer's order
         for position in range(steps):
             rows = np.sort(order[position * b : (position + 1) * b])
-            x = np.asarray(data.embeddings[rows], dtype=np.float32)
-            if mode == "pairs":
-                x = np.concatenate([x, np.asarray(data.documents[rows], dtype=np.float32)])
+            x = batch_embeddings(data, rows, mode == "pairs")
             labels = None if data.labels is None else torch.from_numpy(data.labels[rows]).to(device)
             loss = matryoshka_loss(head(torch.from_numpy(x).to(device)), head.dims, mode, labels, cfg.temperature)
             optimizer.zero_grad(set_to_none=True)

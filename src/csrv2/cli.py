@@ -325,15 +325,12 @@ def run_embed(args: argparse.Namespace) -> None:
 
 
 def run_export(args: argparse.Namespace) -> None:
-    import json
-
     from .backbone import TextBackbone
     from .export import export_sparse_encoder
-    from .model import SETTINGS_FILE, load_head
+    from .model import load_head, read_settings
 
     head = load_head(args.model)
-    settings_file = os.path.join(args.model, SETTINGS_FILE)
-    settings = json.loads(open(settings_file).read()) if os.path.exists(settings_file) else {}
+    settings = read_settings(args.model)
     backbone = TextBackbone(args.backbone, max_seq_length=args.max_seq_length)
     export_sparse_encoder(head, args.out, backbone, settings={**settings, "backbone": backbone.name}, overwrite=args.overwrite)
     print(f"wrote {args.out}: SparseEncoder({backbone.name} -> {head.config.hidden_dim} latents, k = {head.config.k})")

@@ -29,7 +29,7 @@ from .errors import InputError
 from .export import export_sparse_encoder
 from .head import SparseHead
 from .schedule import k_at_step
-from .trainer import step_losses, update_dead_counters
+from .trainer import epoch_order, step_losses, update_dead_counters
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ def finetune_text(
     for step in range(total):
         epoch, position = divmod(step, steps_per_epoch)
         if position == 0:  # one order per epoch, the head-only trainer's
-            order = np.random.default_rng([cfg.seed, epoch]).permutation(len(texts))
+            order = epoch_order(cfg.seed, epoch, len(texts))
         rows = order[position * per_step : (position + 1) * per_step]
         k_t = k_at_step(step, total, k_init, k, cfg.decay_ratio)
         dead = counters > head_config.dead_threshold

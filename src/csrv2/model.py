@@ -65,6 +65,12 @@ def save_head(head: SparseHead, folder: str | os.PathLike, settings: dict | None
     return folder
 
 
+def read_settings(folder: str | os.PathLike) -> dict:
+    """The folder's csrv2.json (how csrv2 trained the head), or {} for a head without one (e.g. from sentence-transformers)."""
+    path = Path(folder) / SETTINGS_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def read_head_config(folder: Path) -> HeadConfig:
     """The folder's `HeadConfig`, or an `InputError` saying why the folder is not a csrv2 head."""
     if not folder.is_dir():

@@ -33,7 +33,7 @@ from .losses import (
     supervised_contrastive_from_logits,
     total_loss,
 )
-from .model import CONFIG_FILE, WEIGHTS_FILE, load_head, save_head, write_json
+from .model import CONFIG_FILE, WEIGHTS_FILE, load_head, read_settings, save_head, write_json
 from .schedule import k_at_step
 
 LOSS_NAMES = ("loss", "loss_k", "loss_4k", "loss_aux", "loss_cl")
@@ -122,6 +122,17 @@ def _contrastive(idx: torch.Tensor, val: torch.Tensor, h: int, mode: str, labels
     if mode == "self":
         labels = torch.arange(n, device=val.device)
     return supervised_contrastive_from_logits(logits, labels)
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """(n,) the data order of one epoch, a function of (seed, epoch) alone, so a resumed run replays it."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def batch_embeddings(data: TrainingData, rows: np.ndarray, pairs: bool) -> np.ndarray:
+    """(len(rows), d) float32 embeddings of sorted rows, then for pairs their documents: (2 len(rows), d)."""
+    x = np.asarray(data.embeddings[rows], dtype=np.float32)
+    return np.concatenate([x, np.asarray(data.documents[rows], dtype=np.float32)]) if pairs else x
 
 
 def update_dead_counters(counters: torch.Tensor, fired: torch.Tensor) -> torch.Tensor:
@@ -231,13 +242,11 @@ class Trainer:
     def _batch(self, epoch: int, position: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Rows of batch `position` of `epoch`; the order is a function of (seed, epoch) alone, so resuming replays it."""
         if self._order[0] != epoch:  # one permutation per epoch, drawn when the epoch starts
-            self._order = (epoch, np.random.default_rng([self.cfg.seed, epoch]).permutation(len(self.data)))
+            self._order = (epoch, epoch_order(self.cfg.seed, epoch, len(self.data)))
         order = self._order[1]
         b = self.cfg.batch_size
         rows = np.sort(order[position * b : (position + 1) * b])  # sorted: contiguous reads from a memory map
-        x = np.asarray(self.data.embeddings[rows], dtype=np.float32)
-        if self.mode == "pairs":
-            x = np.concatenate([x, np.asarray(self.data.documents[rows], dtype=np.float32)])
+        x = batch_embeddings(self.data, rows, self.mode == "pairs")
         labels = None if self.labels is None else self.labels[rows].to(self.device)
         return torch.from_numpy(x).to(self.device), labels
 
@@ -273,7 +282,7 @@ class Trainer:
         ckpt = _latest_checkpoint(self.out)
         if ckpt is None:
             raise InputError(f"{self.out}: has no checkpoint to resume from; start the run without --resume")
-        saved = json.loads((ckpt / "csrv2.json").read_text())
+        saved = read_settings(ckpt)
         head = load_head(ckpt)
         if head.config != self.head_config:
             raise InputError(f"{ckpt}: head config {head.config.to_dict()} differs from this run's {self.head_config.to_dict()}; resume with the same options")
