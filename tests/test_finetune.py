@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -48,7 +50,7 @@ def test_result_is_a_sparse_encoder_with_the_same_codes(run, monkeypatch):
 
 def test_bad_inputs(tmp_path):
     backbone = TextBackbone(max_seq_length=16)
-    with pytest.raises(InputError, match="one per text"):
+    with pytest.raises(InputError, match="one per item"):
         finetune_text(backbone, TEXTS, LABELS[:3], progress=False)
     (tmp_path / "taken").mkdir()
     with pytest.raises(InputError, match="already exists"):
@@ -72,3 +74,111 @@ def test_cli_finetune_writes_a_sparse_encoder(tmp_path, capsys):
     assert main(args) == 0
     assert (out / "modules.json").is_file() and "k = 2" in capsys.readouterr().out
     assert main(args) == 2 and "already exists" in capsys.readouterr().err
+
+
+def _cfg(**kw):
+    return TrainConfig(**{"epochs": 2, "batch_size": 2, "lr": 1e-3, "device": "cpu", **kw})
+
+
+def test_lora_trains_adapters_and_merges_them(tmp_path, monkeypatch):
+    pytest.importorskip("peft")
+    from sentence_transformers import SparseEncoder
+
+    backbone = TextBackbone(max_seq_length=16)
+    before = {n: p.detach().clone() for n, p in backbone.model.named_parameters()}
+    trained, head = finetune_text(backbone, TEXTS, LABELS, k=2, hidden_dim=64, train=_cfg(epochs=1),
+                                  finetune=FinetuneConfig(backbone_lr=1e-3, lora_rank=4), out=tmp_path / "lora", progress=False)
+    after = dict(trained.model.named_parameters())
+    assert set(after) == set(before)  # merged: no adapter left in the saved model
+    changed = {n for n in after if not torch.equal(after[n], before[n])}
+    assert changed and all(".attention.self.query." in n or ".attention.self.value." in n for n in changed)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    theirs = SparseEncoder(str(tmp_path / "lora"), device="cpu").encode(TEXTS, convert_to_tensor=True, convert_to_sparse_tensor=False).to_dense()
+    ours = torch.from_numpy(csrv2.encode(head, trained.embed(TEXTS, progress=False), progress=False).to_dense())
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
+
+
+def test_an_interrupted_run_resumes_to_the_same_model(tmp_path, monkeypatch):
+    options = dict(k=2, hidden_dim=64, train=_cfg(checkpoint_every=2, log_every=1), finetune=FinetuneConfig(backbone_lr=1e-4), progress=False)
+    whole, whole_head = finetune_text(TextBackbone(max_seq_length=16), TEXTS, LABELS, out=tmp_path / "whole", **options)
+
+    from csrv2.finetune import Finetuner
+
+    real_step = Finetuner.train_step
+
+    def crash_at_step_5(self, rows, k):
+        if self.step == 5:
+            raise KeyboardInterrupt
+        return real_step(self, rows, k)
+
+    monkeypatch.setattr(Finetuner, "train_step", crash_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        finetune_text(TextBackbone(max_seq_length=16), TEXTS, LABELS, out=tmp_path / "run", **options)
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-000000004"]
+    monkeypatch.setattr(Finetuner, "train_step", real_step)
+    with pytest.raises(InputError, match="other train"):
+        finetune_text(TextBackbone(max_seq_length=16), TEXTS, LABELS, out=tmp_path / "run", resume=True, **{**options, "train": _cfg(checkpoint_every=2, log_every=1, lr=2e-3)})
+    resumed, resumed_head = finetune_text(TextBackbone(max_seq_length=16), TEXTS, LABELS, out=tmp_path / "run", resume=True, **options)
+
+    for (name, p), q in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=name)
+    torch.testing.assert_close(whole_head.weight, resumed_head.weight, atol=1e-6, rtol=0)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 7)) and not (tmp_path / "run" / "checkpoints").exists()
+    with pytest.raises(InputError, match="no checkpoint"):
+        finetune_text(TextBackbone(max_seq_length=16), TEXTS, LABELS, out=tmp_path / "none", resume=True, **options)
+
+
+def test_matryoshka_objective_writes_a_sentence_transformer(tmp_path, monkeypatch):
+    from sentence_transformers import SentenceTransformer
+
+    trained, head = finetune_text(TextBackbone(max_seq_length=16), TEXTS, LABELS, train=_cfg(epochs=1),
+                                  finetune=FinetuneConfig(objective="matryoshka", backbone_lr=1e-4, mrl_dims=(2, 8)),
+                                  out=tmp_path / "mrl", progress=False)
+    assert head is None
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    loaded = SentenceTransformer(str(tmp_path / "mrl"), device="cpu", truncate_dim=8)
+    np.testing.assert_allclose(loaded.encode(TEXTS), trained.embed(TEXTS, progress=False)[:, :8], atol=1e-5)
+    assert json.loads((tmp_path / "mrl" / "csrv2.json").read_text())["finetune"]["mrl_dims"] == [2, 8]
+    with pytest.raises(InputError, match="mrl_dims go up to 512"):
+        finetune_text(TextBackbone(max_seq_length=16), TEXTS, LABELS, finetune=FinetuneConfig(objective="matryoshka", mrl_dims=(2, 512)), progress=False)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from csrv2.datasets import load_digits_images
+
+    return load_digits_images(max_train=16, max_test=8)
+
+
+@pytest.mark.parametrize("objective", ["csrv2", "matryoshka"])
+def test_images_train_end_to_end_and_load_back(digits, objective, tmp_path):
+    from csrv2.backbone import ImageBackbone
+    from csrv2.finetune import finetune_images, read_image_model
+
+    backbone = ImageBackbone(image_size=32)
+    frozen = backbone.embed(digits.test_images, progress=False)
+    trained, head = finetune_images(backbone, digits.train_images, digits.train_labels, k=2, hidden_dim=64,
+                                    train=_cfg(epochs=1, batch_size=8), finetune=FinetuneConfig(objective=objective, backbone_lr=1e-3),
+                                    out=tmp_path / "img", progress=False)
+    x = trained.embed(digits.test_images, progress=False)
+    assert not np.allclose(x, frozen, atol=1e-4)  # the backbone learned
+    loaded, loaded_head = read_image_model(tmp_path / "img")
+    np.testing.assert_allclose(loaded.embed(digits.test_images, progress=False), x, atol=1e-5)
+    assert loaded.identity != ImageBackbone(image_size=32).identity  # cached embeddings never mix the two
+    if objective == "csrv2":
+        assert torch.equal(loaded_head.weight, head.weight)
+    else:
+        assert head is None and loaded_head is None
+
+
+def test_image_bad_inputs(digits, tmp_path):
+    from csrv2.backbone import ImageBackbone
+    from csrv2.finetune import finetune_images, read_image_model
+
+    with pytest.raises(InputError, match="trains every parameter"):
+        finetune_images(ImageBackbone(image_size=32), digits.train_images, digits.train_labels, finetune=FinetuneConfig(lora_rank=4), progress=False)
+    with pytest.raises(InputError, match="pass \\(n, H, W\\)"):
+        finetune_images(ImageBackbone(image_size=32), digits.train_images[:, :, :, None], digits.train_labels, progress=False)
+    with pytest.raises(InputError, match="not an image model folder"):
+        read_image_model(tmp_path)

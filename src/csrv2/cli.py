@@ -5,13 +5,14 @@ makes one API call, and turns bad input into one line on stderr with exit status
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import os
 import sys
 
 import numpy as np
 
-from .config import CONTRASTIVE_MODES, PRESETS, HeadConfig, TrainConfig, field_docs
+from .config import PRESETS, HeadConfig, TrainConfig, field_docs
 from .datasets import DATASETS as DATASET_NAMES
 from .evaluate import TASKS
 from .finetune import FinetuneConfig
@@ -34,8 +35,9 @@ def _add_dataclass_options(parser: argparse.ArgumentParser, cls, names=None, cho
         help_text = docs.get(f.name, "") + ("" if f.default is None else f" (default: {f.default})")
         if f.type in (bool, "bool"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        elif f.name == "contrastive":
-            parser.add_argument(flag, choices=CONTRASTIVE_MODES, default=None, help=help_text)
+        elif str(f.type).startswith("Literal["):  # one of named values
+            values = ast.literal_eval(str(f.type)[len("Literal"):].replace("[", "(", 1).rstrip("]") + ")")
+            parser.add_argument(flag, choices=values, default=None, help=help_text)
         elif str(f.type).startswith("tuple["):  # several values: --k 2 8 32
             kind = int if str(f.type) == "tuple[int, ...]" else str
             parser.add_argument(flag, type=kind, nargs="+", default=None, choices=choices.get(f.name), metavar=f.name.upper(), help=help_text)
@@ -154,19 +156,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     finetune = sub.add_parser(
         "finetune",
-        help="train a backbone and a sparse head together on texts (end-to-end CSRv2)",
-        description="Train the text backbone and a CSRv2 head end to end on texts with labels (supervised loss) or "
-                    "query/document pairs (pairs loss), and write the result as a sentence-transformers SparseEncoder folder.",
+        help="train a backbone and a sparse head together (end-to-end CSRv2), or a backbone alone as a Matryoshka peer",
+        description="Train a backbone end to end on texts with labels (supervised loss) or query/document pairs (pairs loss), "
+                    "or on images with labels: with a CSRv2 head (--objective csrv2; texts give a sentence-transformers "
+                    "SparseEncoder folder) or alone with nested-prefix losses (--objective matryoshka). Checkpoints every "
+                    "epoch into --out; --resume continues an interrupted run.",
     )
     data = finetune.add_argument_group("data and output")
-    data.add_argument("--data", required=True, metavar="NAME|FILE", help="a packaged data set's train split, or a .csv/.jsonl/.parquet file")
+    data.add_argument("--data", required=True, metavar="NAME|FILE", help="a packaged data set's train split, a .csv/.jsonl/.parquet table or an image .npz")
     _add_source_options(data)
-    data.add_argument("--out", required=True, metavar="DIR", help="SparseEncoder folder to write")
+    data.add_argument("--out", required=True, metavar="DIR", help="run folder; holds the model when training ends")
     data.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    data.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     data.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     _add_backbone_options(finetune, "the packaged all-MiniLM-L6-v2")
+    finetune.add_argument("--image-size", type=int, default=64, help="side in pixels images are resized to (image data)")
+    _add_dataclass_options(finetune.add_argument_group("training (lr is the head's)"), TrainConfig, FINETUNE_TRAIN_OPTIONS + ("checkpoint_every", "log_every"))
     _add_dataclass_options(finetune.add_argument_group("sparse head"), HeadConfig, ("k", "hidden_dim"))
-    _add_dataclass_options(finetune.add_argument_group("training (lr is the head's)"), TrainConfig, FINETUNE_TRAIN_OPTIONS)
     _add_dataclass_options(finetune.add_argument_group("end to end"), FinetuneConfig)
 
     reproduce = sub.add_parser(
@@ -337,21 +343,27 @@ def run_export(args: argparse.Namespace) -> None:
 
 
 def run_finetune(args: argparse.Namespace) -> None:
-    from .backbone import TextBackbone
+    from .backbone import ImageBackbone, TextBackbone
     from .embedding import read_source
-    from .finetune import finetune_text
+    from .finetune import Finetuner
 
     items = read_source(args.data, **_source(args))
     if "images" in items:
-        raise ValueError(f"{args.data} holds images; end-to-end training takes texts for now")
-    texts = items.get("texts", items.get("queries"))
-    ft_fields = [f.name for f in dataclasses.fields(FinetuneConfig)]
-    backbone, head = finetune_text(
-        TextBackbone(args.backbone, max_seq_length=args.max_seq_length), texts, items.get("labels"), items.get("documents"),
-        k=args.k or 2, hidden_dim=args.hidden_dim or 0, train=TrainConfig(**_given(args, FINETUNE_TRAIN_OPTIONS)),
-        finetune=FinetuneConfig(**_given(args, ft_fields)), out=args.out, overwrite=args.overwrite, progress=not args.no_progress,
-    )
-    print(f"wrote {args.out}: SparseEncoder({backbone.name} -> {head.config.hidden_dim} latents, k = {head.config.k})")
+        backbone, inputs = ImageBackbone(args.image_size), items["images"]
+    else:
+        backbone, inputs = TextBackbone(args.backbone, max_seq_length=args.max_seq_length), items.get("texts", items.get("queries"))
+    ft = FinetuneConfig(**{name: tuple(v) if isinstance(v, list) else v for name, v in _given(args, [f.name for f in dataclasses.fields(FinetuneConfig)]).items()})
+    train_fields = FINETUNE_TRAIN_OPTIONS + ("checkpoint_every", "log_every")
+    trained, head = Finetuner(
+        backbone, inputs, items.get("labels"), items.get("documents"),
+        k=args.k or 2, hidden_dim=args.hidden_dim or 0, train=TrainConfig(**_given(args, train_fields)),
+        finetune=ft, out=args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
+    ).fit()
+    if head is None:
+        print(f"wrote {args.out}: {trained.name}, Matryoshka-trained: truncate its embeddings to any of {ft.mrl_dims}")
+    else:
+        kind = "SparseEncoder" if isinstance(trained, TextBackbone) else "image model"
+        print(f"wrote {args.out}: {kind}({trained.name} -> {head.config.hidden_dim} latents, k = {head.config.k})")
 
 
 def run_reproduce(args: argparse.Namespace) -> None:

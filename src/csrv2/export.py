@@ -11,19 +11,18 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
+from typing import Callable
 
 from .backbone import TextBackbone
 from .errors import InputError
 from .head import SparseHead
-from .model import SETTINGS_FILE, load_head, write_json
+from .model import SETTINGS_FILE, load_head, write_folder, write_json
 
 SAE_TYPE = "sentence_transformers.sparse_encoder.modules.sparse_auto_encoder.SparseAutoEncoder"
 
 
-def _sparse_encoder(backbone: TextBackbone, head: SparseHead):
+def to_sparse_encoder(backbone: TextBackbone, head: SparseHead):
     """An in-memory SparseEncoder: the backbone's modules, then a SparseAutoEncoder with the head's weights."""
     from sentence_transformers import SparseEncoder
     from sentence_transformers.sparse_encoder.modules import SparseAutoEncoder
@@ -38,32 +37,18 @@ def _sparse_encoder(backbone: TextBackbone, head: SparseHead):
 
 
 def export_sparse_encoder(head: SparseHead, out: str | os.PathLike, backbone: TextBackbone | None = None, *,
-                          settings: dict | None = None, overwrite: bool = False) -> Path:
-    """Write backbone + head to the folder `out` in the sentence-transformers SparseEncoder format.
+                          settings: dict | None = None, overwrite: bool = False, extra: Callable[[Path], None] | None = None) -> Path:
+    """Write backbone + head to the folder `out` in the sentence-transformers SparseEncoder format
+    (whole or not at all, see `write_folder`); extra(folder) may add files before it appears."""
+    model = to_sparse_encoder(backbone or TextBackbone(), head)
 
-    Built in a temporary folder beside `out` and renamed into place, so a failure leaves no half
-    folder; an existing `out` is refused unless overwrite, and then replaced only once the new one is whole.
-    """
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise InputError(f"{out}: already exists; choose another folder or pass --overwrite")
-    model = _sparse_encoder(backbone or TextBackbone(), head)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    def fill(tmp: Path) -> None:
         model.save(str(tmp))
         write_json(tmp / SETTINGS_FILE, {"head": head.config.to_dict(), **(settings or {})})
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+        if extra is not None:
+            extra(tmp)
+
+    return write_folder(out, fill, overwrite)
 
 
 def read_sparse_encoder(folder: str | os.PathLike) -> tuple[TextBackbone, SparseHead]:
@@ -86,4 +71,4 @@ def read_sparse_encoder(folder: str | os.PathLike) -> tuple[TextBackbone, Sparse
     return TextBackbone.from_model(SentenceTransformer(modules=list(encoder)[:-1], device="cpu"), str(folder)), head
 
 
-__all__ = ["export_sparse_encoder", "read_sparse_encoder"]
+__all__ = ["export_sparse_encoder", "read_sparse_encoder", "to_sparse_encoder"]

@@ -1,129 +1,345 @@
-"""End-to-end CSRv2 on texts: the backbone and the sparse head trained together ("CSRv2" in PAPER.md).
+"""End-to-end training: a backbone trained together with its objective, for texts and images.
 
-Each step embeds a batch of texts with the backbone (gradients on), then applies the CSRv2 objective
-of the head-only trainer to those embeddings: reconstruction of the backbone's current embedding at
-k and 4k, AuxK, and the contrastive loss on the k-sparse codes (supervised with labels, pairs with
-query/document pairs), with k annealed per optimizer step. The gradient reaches the backbone through
-both the head's input and the reconstruction target. One Adam optimizer, two learning rates.
+Two objectives, one loop, one budget:
+  csrv2       "CSRv2" of PAPER.md: backbone + TopK head. Each step embeds a batch with the backbone
+              (gradients on) and applies the head-only trainer's objective to those embeddings:
+              reconstruction of the backbone's current embedding at k and 4k, AuxK, and the
+              contrastive loss on the k-sparse codes (supervised with labels, pairs with
+              query/document pairs, else self), with k annealed per optimizer step. The gradient
+              reaches the backbone through both the head's input and the reconstruction target.
+  matryoshka  MRL as a finetuned peer: the backbone alone, trained so that every prefix of its
+              embedding (dims 2..64) is an embedding of its own: the mean over prefixes of the same
+              contrastive loss on cosine similarity (baselines.matryoshka_loss).
+One Adam optimizer with two learning rates (backbone, head). Texts train full-parameter or through
+LoRA adapters (peft), merged into the weights at the end; images (EfficientNet-Lite0) full-parameter.
 
-Not yet here: LoRA, checkpoints and resume, images. The result is written in the sentence-transformers
-SparseEncoder format (export.py).
+The run folder `out` holds, while training, `train_log.jsonl` and `checkpoints/step-N/`
+(backbone.safetensors, the head's files, state.pt with optimizer, step, dead-latent counters and
+RNG, read with weights_only=True); `resume` continues from the newest. At the end `out` is replaced,
+whole, by the model (with the log):
+  texts, csrv2        a sentence-transformers SparseEncoder folder (export.py)
+  texts, matryoshka   a SentenceTransformer folder; truncate its embeddings to any trained dim
+  images              backbone.safetensors (+ the head's config.json and model.safetensors for csrv2)
+Every model folder has csrv2.json with the settings of the run; `read_image_model` reads image ones.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
+from safetensors.torch import load_model, save_model
 from tqdm.auto import tqdm
 
-from .backbone import TextBackbone
+from . import __version__
+from .backbone import ImageBackbone, TextBackbone
+from .baselines import MRL_DIMS, matryoshka_loss
 from .config import HeadConfig, TrainConfig, resolve_device, resolve_k_init
 from .data import class_ids
 from .errors import InputError
-from .export import export_sparse_encoder
+from .export import to_sparse_encoder
 from .head import SparseHead
+from .model import SETTINGS_FILE, load_head, read_settings, write_folder, write_head_files, write_json
 from .schedule import k_at_step
-from .trainer import epoch_order, step_losses, update_dead_counters
+from .trainer import LOG_FILE, STATE_FILE, epoch_order, latest_checkpoint, step_losses, truncate_log, update_dead_counters, write_checkpoint
+
+BACKBONE_WEIGHTS = "backbone.safetensors"
+OBJECTIVES = ("csrv2", "matryoshka")
 
 
 @dataclass(frozen=True)
 class FinetuneConfig:
     """What end-to-end training adds to `TrainConfig` (whose lr is the head's)."""
 
+    objective: Literal["csrv2", "matryoshka"] = "csrv2"
+    """csrv2: backbone + sparse head (CSRv2 full); matryoshka: the backbone alone with nested-prefix losses (a finetuned MRL)."""
     backbone_lr: float = 2e-5
-    """Adam learning rate of the backbone's parameters."""
+    """Adam learning rate of the backbone's parameters (of its LoRA adapters with lora_rank > 0)."""
     grad_accum: int = 1
-    """Batches whose gradients add up before each optimizer step (the step sees batch_size x grad_accum texts)."""
+    """Batches whose gradients add up before each optimizer step (the step sees batch_size x grad_accum items)."""
     bf16: bool = True
     """bf16 autocast of the forward pass on a CUDA device; CPU runs in float32 whatever this says."""
+    lora_rank: int = 0
+    """0: train every backbone parameter; r > 0: train rank-r LoRA adapters on the attention projections instead (texts; needs peft)."""
+    lora_alpha: float = 0.0
+    """LoRA scale numerator (0 = 2 x lora_rank)."""
+    mrl_dims: tuple[int, ...] = MRL_DIMS
+    """Nested prefix sizes of the matryoshka objective."""
 
     def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
         if self.backbone_lr < 0 or self.grad_accum < 1:
             raise ValueError(f"backbone_lr must be >= 0 and grad_accum >= 1, got {self.backbone_lr} and {self.grad_accum}")
+        if self.lora_rank < 0 or self.lora_alpha < 0:
+            raise ValueError(f"lora_rank and lora_alpha must be >= 0, got {self.lora_rank} and {self.lora_alpha}")
+        if not self.mrl_dims or list(self.mrl_dims) != sorted(set(self.mrl_dims)) or self.mrl_dims[0] < 1:
+            raise ValueError(f"mrl_dims must be increasing positive sizes, got {self.mrl_dims}")
 
 
-def finetune_text(
-    backbone: TextBackbone,
-    texts: list[str],
-    labels: np.ndarray | None = None,
-    documents: list[str] | None = None,
-    *,
-    k: int = 2,
-    hidden_dim: int = 0,
-    train: TrainConfig | None = None,
-    finetune: FinetuneConfig | None = None,
-    out: str | os.PathLike | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
-) -> tuple[TextBackbone, SparseHead]:
-    """Train backbone + head on texts (labels: (n,) for the supervised loss; documents: n texts paired
-    with `texts` as queries for the pairs loss); returns both, and writes a SparseEncoder folder to `out`."""
-    cfg, ft = train or TrainConfig(), finetune or FinetuneConfig()
-    if not texts:
-        raise InputError("no texts to train on; pass at least one")
-    if labels is not None and documents is not None:
-        raise InputError("give labels or documents, not both: labels train the supervised loss, documents the pairs loss")
-    for name, other in (("labels", labels), ("documents", documents)):
-        if other is not None and len(other) != len(texts):
-            raise InputError(f"{len(other)} {name} for {len(texts)} texts; pass one per text")
-    if out is not None and Path(out).exists() and not overwrite:
-        raise InputError(f"{out}: already exists; choose another folder or pass --overwrite")  # before hours of training
-    mode = "supervised" if labels is not None else "pairs" if documents is not None else "self"
-    ids = None if labels is None else torch.from_numpy(class_ids(np.asarray(labels)))
-
-    device = resolve_device(cfg.device)
-    model = backbone.model.to(device).train()
-    head_config = HeadConfig(backbone.dim, hidden_dim, k)
-    head = SparseHead(head_config, torch.Generator().manual_seed(cfg.seed)).to(device)
-    optimizer = torch.optim.Adam(
-        [{"params": model.parameters(), "lr": ft.backbone_lr}, {"params": head.parameters(), "lr": cfg.lr}], eps=cfg.adam_eps
-    )
-    per_step = cfg.batch_size * ft.grad_accum
-    steps_per_epoch = math.ceil(len(texts) / per_step)
-    total = steps_per_epoch * cfg.epochs
-    k_init = resolve_k_init(cfg.k_init, k, head_config.hidden_dim) if cfg.anneal else k
-    counters = torch.zeros(head_config.hidden_dim, dtype=torch.long, device=device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and ft.bf16)
-    torch.manual_seed(cfg.seed)  # dropout in the backbone
-
-    prepare = getattr(model, "preprocess", None) or model.tokenize  # renamed in sentence-transformers 6
-    bar = tqdm(total=total, desc="finetune", unit="step", disable=not progress)
-    for step in range(total):
-        epoch, position = divmod(step, steps_per_epoch)
-        if position == 0:  # one order per epoch, the head-only trainer's
-            order = epoch_order(cfg.seed, epoch, len(texts))
-        rows = order[position * per_step : (position + 1) * per_step]
-        k_t = k_at_step(step, total, k_init, k, cfg.decay_ratio)
-        dead = counters > head_config.dead_threshold
-        fired = torch.zeros_like(dead)
-        optimizer.zero_grad(set_to_none=True)
-        for micro in np.array_split(rows, math.ceil(len(rows) / cfg.batch_size)):
-            batch = [texts[i] for i in micro] + ([documents[i] for i in micro] if mode == "pairs" else [])
-            features = {n: t.to(device) if isinstance(t, torch.Tensor) else t for n, t in prepare(batch).items()}
-            with autocast:
-                x = model(features)["sentence_embedding"].float()  # (n, d), or (2n, d) queries then documents
-                losses, fired_now = step_losses(head, x, k_t, dead, cfg, mode, None if ids is None else ids[micro].to(device))
-            (losses["loss"] * len(micro) / len(rows)).backward()  # the mean over the whole step's texts
-            fired |= fired_now
-        optimizer.step()
-        counters = update_dead_counters(counters, fired)
-        bar.update(1)
-        bar.set_postfix(loss=f"{losses['loss'].item():.4g}", k=k_t, dead=f"{100 * float(dead.float().mean()):.1f}%")
-    bar.close()
-    model.eval()
-    head.eval()
-    trained = TextBackbone.from_model(model, f"{backbone.name} (finetuned with csrv2)")
-    if out is not None:
-        settings = {"train": dataclasses.asdict(cfg), "finetune": dataclasses.asdict(ft), "backbone": backbone.name, "k_init": k_init,
-                    "contrastive": mode, "samples": len(texts), "total_steps": total}
-        export_sparse_encoder(head, out, trained, settings=settings, overwrite=overwrite)
-    return trained, head
+def _add_lora(model, rank: int, alpha: float):
+    """Wrap the transformer of a SentenceTransformer in peft LoRA adapters (the rest of it frozen); returns the peft model."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as e:
+        raise InputError("LoRA needs peft: pip install 'csrv2[lora]', or train every parameter with lora_rank 0") from e
+    transformer = model[0]
+    try:  # target modules: peft's defaults for the architecture (query and value for BERT)
+        transformer.model = get_peft_model(transformer.model, LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=0.0))
+    except ValueError as e:
+        raise InputError(f"peft has no default LoRA targets for this backbone ({e}); train it with lora_rank 0") from e
+    return transformer.model
 
 
-__all__ = ["FinetuneConfig", "finetune_text"]
+class Finetuner:
+    """Trains a backbone (and a sparse head for the csrv2 objective) end to end; owns the loop, checkpoints and the final folder.
+
+    items: n texts or (n, H, W[, 3]) images; labels: (n,) for the supervised loss; documents: n texts
+    paired with `items` as queries, for the pairs loss.
+    """
+
+    def __init__(
+        self,
+        backbone: TextBackbone | ImageBackbone,
+        items,
+        labels: np.ndarray | None = None,
+        documents: list[str] | None = None,
+        *,
+        k: int = 2,
+        hidden_dim: int = 0,
+        train: TrainConfig | None = None,
+        finetune: FinetuneConfig | None = None,
+        out: str | os.PathLike | None = None,
+        resume: bool = False,
+        overwrite: bool = False,
+        progress: bool = True,
+    ) -> None:
+        self.cfg, self.ft = train or TrainConfig(), finetune or FinetuneConfig()
+        self.text = isinstance(backbone, TextBackbone)
+        if len(items) == 0:
+            raise InputError("no items to train on; pass at least one text or image")
+        if labels is not None and documents is not None:
+            raise InputError("give labels or documents, not both: labels train the supervised loss, documents the pairs loss")
+        for name, other in (("labels", labels), ("documents", documents)):
+            if other is not None and len(other) != len(items):
+                raise InputError(f"{len(other)} {name} for {len(items)} items; pass one per item")
+        if not self.text and (documents is not None or self.ft.lora_rank):
+            raise InputError("image training takes labels (or nothing) and trains every parameter; drop documents and lora_rank")
+        if resume and overwrite:
+            raise InputError("resume and overwrite exclude each other; choose one")
+        self.out = None if out is None else Path(out)
+        if self.out is not None and self.out.exists() and not (resume or overwrite):  # before hours of training
+            raise InputError(f"{out}: already exists; choose another folder, pass --overwrite, or --resume a run")
+        self.backbone, self.items, self.documents, self.resume, self.progress = backbone, items, documents, resume, progress
+        self.mode = "supervised" if labels is not None else "pairs" if documents is not None else "self"
+        self.labels = None if labels is None else torch.from_numpy(class_ids(np.asarray(labels)))
+
+        self.device = resolve_device(self.cfg.device)
+        self.model = backbone.model.to(self.device)
+        self.peft = _add_lora(self.model, self.ft.lora_rank, self.ft.lora_alpha) if self.ft.lora_rank else None
+        self.head = None
+        groups = [{"params": [p for p in self.model.parameters() if p.requires_grad], "lr": self.ft.backbone_lr}]
+        if self.ft.objective == "csrv2":
+            self.head_config = HeadConfig(backbone.dim, hidden_dim, k)
+            self.head = SparseHead(self.head_config, torch.Generator().manual_seed(self.cfg.seed)).to(self.device)
+            groups.append({"params": list(self.head.parameters()), "lr": self.cfg.lr})
+            self.k_init = resolve_k_init(self.cfg.k_init, k, self.head_config.hidden_dim) if self.cfg.anneal else k
+            self.counters = torch.zeros(self.head_config.hidden_dim, dtype=torch.long, device=self.device)
+        elif max(self.ft.mrl_dims) > backbone.dim:
+            raise InputError(f"mrl_dims go up to {max(self.ft.mrl_dims)} but the backbone makes {backbone.dim}-d embeddings; pass smaller dims")
+        self.optimizer = torch.optim.Adam(groups, eps=self.cfg.adam_eps)
+        self.per_step = self.cfg.batch_size * self.ft.grad_accum
+        self.steps_per_epoch = math.ceil(len(items) / self.per_step)
+        self.total_steps = self.steps_per_epoch * self.cfg.epochs
+        self.step = 0
+        self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda" and self.ft.bf16)
+
+    # --- the loop, top to bottom -------------------------------------------------------------
+    def fit(self) -> tuple[TextBackbone | ImageBackbone, SparseHead | None]:
+        """Train to the last step (from the newest checkpoint when resuming); returns the trained backbone and head."""
+        torch.manual_seed(self.cfg.seed)  # dropout and drop-connect in the backbone
+        self._prepare_run_folder()
+        self.model.train()
+        bar = tqdm(total=self.total_steps, initial=self.step, desc="finetune", unit="step", disable=not self.progress)
+        while self.step < self.total_steps:
+            epoch, position = divmod(self.step, self.steps_per_epoch)
+            rows = epoch_order(self.cfg.seed, epoch, len(self.items))[position * self.per_step : (position + 1) * self.per_step]
+            k = self.current_k()
+            loss = self.train_step(rows, k)
+            self.step += 1
+            bar.update(1)
+            if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
+                record = self._log(loss, k, epoch)
+                bar.set_postfix(loss=f"{record['loss']:.4g}", **({} if k is None else {"k": k, "dead": f"{record['dead_pct']:.1f}%"}))
+            if self.out is not None and self.step < self.total_steps and self.step % (self.cfg.checkpoint_every or self.steps_per_epoch) == 0:
+                self._checkpoint()
+        bar.close()
+        trained = self._trained_backbone()
+        if self.out is not None:
+            self._write_model(trained)
+        return trained, self.head
+
+    def current_k(self) -> int | None:
+        if self.head is None:
+            return None
+        return k_at_step(self.step, self.total_steps, self.k_init, self.head_config.k, self.cfg.decay_ratio)
+
+    def train_step(self, rows: np.ndarray, k: int | None) -> float:
+        """One optimizer step over `rows` (in grad_accum micro-batches); returns the step's mean loss."""
+        dead = None if self.head is None else self.counters > self.head_config.dead_threshold
+        fired = None if self.head is None else torch.zeros_like(dead)
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for micro in np.array_split(rows, math.ceil(len(rows) / self.cfg.batch_size)):
+            labels = None if self.labels is None else self.labels[micro].to(self.device)
+            with self.autocast:
+                x = self._embed(micro).float()  # (n, d), or (2n, d): queries then documents
+                if self.head is None:
+                    loss = matryoshka_loss(x, self.ft.mrl_dims, self.mode, labels, self.cfg.temperature)
+                else:
+                    losses, fired_now = step_losses(self.head, x, k, dead, self.cfg, self.mode, labels)
+                    loss, fired = losses["loss"], fired | fired_now
+            (loss * len(micro) / len(rows)).backward()  # the mean over the whole step's items
+            total += float(loss.detach()) * len(micro) / len(rows)
+        self.optimizer.step()
+        if self.head is not None:
+            self.counters = update_dead_counters(self.counters, fired)
+        return total
+
+    # --- named steps ---------------------------------------------------------------------------
+    def _embed(self, rows: np.ndarray) -> torch.Tensor:
+        if not self.text:
+            return self.backbone.forward(self.items[rows])
+        batch = [self.items[i] for i in rows] + ([self.documents[i] for i in rows] if self.mode == "pairs" else [])
+        return self.backbone.forward(batch)
+
+    def _settings(self) -> dict:
+        settings = {"csrv2_version": __version__, "train": self.cfg.to_dict(), "finetune": dataclasses.asdict(self.ft),
+                    "backbone": self.backbone.name, "contrastive": self.mode, "samples": len(self.items),
+                    "total_steps": self.total_steps, "step": self.step}
+        if self.head is not None:
+            settings |= {"head": self.head_config.to_dict(), "k_init": self.k_init}
+        if not self.text:
+            settings["image_size"] = self.backbone.image_size
+        return settings
+
+    def _prepare_run_folder(self) -> None:
+        if self.out is None:
+            return
+        if self.resume:
+            self._restore()
+        elif self.out.exists():  # overwrite: start over
+            shutil.rmtree(self.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+
+    def _restore(self) -> None:
+        """Load the newest checkpoint; the settings it was written with must be this run's."""
+        ckpt = None if not self.out.is_dir() else latest_checkpoint(self.out)
+        if ckpt is None:
+            raise InputError(f"{self.out}: has no checkpoint to resume from; start the run without --resume")
+        saved, now = read_settings(ckpt), json.loads(json.dumps(self._settings()))  # tuples as JSON reads them
+        changed = [key for key in ("train", "finetune", "backbone", "contrastive", "samples", "head", "image_size") if saved.get(key) != now.get(key)]
+        if changed:
+            raise InputError(f"{ckpt}: was trained with other {', '.join(changed)}; resume with the same options and data")
+        load_model(self.model, str(ckpt / BACKBONE_WEIGHTS))
+        if self.head is not None:
+            self.head.load_state_dict(load_head(ckpt).state_dict())
+        state = torch.load(ckpt / STATE_FILE, map_location=self.device, weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        if self.head is not None:
+            self.counters = state["counters"].to(self.device)
+        torch.set_rng_state(state["rng"].cpu())
+        truncate_log(self.out / LOG_FILE, self.step)
+
+    def _log(self, loss: float, k: int | None, epoch: int) -> dict:
+        record = {"step": self.step, "epoch": epoch, "loss": loss}
+        if self.head is not None:
+            dead = float((self.counters > self.head_config.dead_threshold).float().mean())
+            record |= {"k": k, "dead_pct": 100.0 * dead}
+        if self.out is not None:
+            with open(self.out / LOG_FILE, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        return record
+
+    def _checkpoint(self) -> None:
+        state = {"optimizer": self.optimizer.state_dict(), "step": self.step, "rng": torch.get_rng_state()}
+        if self.head is not None:
+            state["counters"] = self.counters.cpu()
+
+        def fill(folder: Path) -> None:
+            save_model(self.model, str(folder / BACKBONE_WEIGHTS))
+            if self.head is not None:
+                write_head_files(self.head, folder)
+            write_json(folder / SETTINGS_FILE, self._settings())
+            torch.save(state, folder / STATE_FILE)
+
+        write_checkpoint(self.out, self.step, fill)
+
+    def _trained_backbone(self) -> TextBackbone | ImageBackbone:
+        """The backbone as trained, in eval mode, LoRA adapters merged into its weights."""
+        if self.peft is not None:
+            self.model[0].model = self.peft.merge_and_unload()
+        self.model.eval()
+        if self.head is not None:
+            self.head.eval()
+        name = f"{self.backbone.name} (finetuned with csrv2, {self.ft.objective})"
+        if self.text:
+            return TextBackbone.from_model(self.model, name)
+        return ImageBackbone.from_model(self.model, self.backbone.image_size, name)
+
+    def _write_model(self, trained: TextBackbone | ImageBackbone) -> None:
+        """Replace the run folder by the model folder, whole, keeping the training log."""
+        settings = self._settings()
+
+        def fill(folder: Path) -> None:
+            if self.text and self.head is not None:
+                to_sparse_encoder(trained, self.head).save(str(folder))
+            elif self.text:
+                self.model.save(str(folder))
+            else:
+                save_model(self.model, str(folder / BACKBONE_WEIGHTS))
+                if self.head is not None:
+                    write_head_files(self.head, folder)
+            write_json(folder / SETTINGS_FILE, settings)
+            if (self.out / LOG_FILE).exists():
+                shutil.copyfile(self.out / LOG_FILE, folder / LOG_FILE)
+
+        write_folder(self.out, fill, overwrite=True)
+
+
+def finetune_text(backbone: TextBackbone, texts: list[str], labels: np.ndarray | None = None, documents: list[str] | None = None,
+                  **options) -> tuple[TextBackbone, SparseHead | None]:
+    """Train a text backbone end to end (see `Finetuner` for the options); returns the trained backbone and head."""
+    return Finetuner(backbone, list(texts), labels, documents, **options).fit()
+
+
+def finetune_images(backbone: ImageBackbone, images: np.ndarray, labels: np.ndarray | None = None,
+                    **options) -> tuple[ImageBackbone, SparseHead | None]:
+    """Train EfficientNet-Lite0 end to end on (n, H, W[, 3]) images; returns the trained backbone and head."""
+    images = np.asarray(images)
+    if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[3] != 3):
+        raise InputError(f"images have shape {images.shape}; pass (n, H, W) gray or (n, H, W, 3) colour images")
+    return Finetuner(backbone, images, labels, **options).fit()
+
+
+def read_image_model(folder: str | os.PathLike, device: str = "cpu") -> tuple[ImageBackbone, SparseHead | None]:
+    """The backbone and head (None for a matryoshka model) of an image model folder written by finetuning."""
+    folder = Path(folder)
+    settings = read_settings(folder) if folder.is_dir() else {}
+    if "image_size" not in settings or not (folder / BACKBONE_WEIGHTS).is_file():
+        raise InputError(f"{folder}: not an image model folder (needs {BACKBONE_WEIGHTS} and csrv2.json); pass the --out of image finetuning")
+    backbone = ImageBackbone(settings["image_size"], device, weights=folder / BACKBONE_WEIGHTS)
+    head = load_head(folder, device) if settings["finetune"]["objective"] == "csrv2" else None
+    return backbone, head
+
+
+__all__ = ["BACKBONE_WEIGHTS", "FinetuneConfig", "Finetuner", "finetune_images", "finetune_text", "read_image_model"]

@@ -9,6 +9,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError
@@ -47,22 +48,41 @@ def write_head_files(head: SparseHead, folder: Path, settings: dict | None = Non
         write_json(folder / SETTINGS_FILE, settings)
 
 
+def write_folder(out: str | os.PathLike, fill: Callable[[Path], None], overwrite: bool = False) -> Path:
+    """Build a folder with fill(tmp) in a temporary folder beside `out`, then rename it into place.
+
+    A failure leaves no half folder; an existing `out` is refused unless overwrite, and then replaced
+    only once the new one is whole.
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise InputError(f"{out}: already exists; choose another folder or pass --overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; the renamed folder should read like any other
+        fill(tmp)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)  # left by a crash between the two renames below
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
 def save_head(head: SparseHead, folder: str | os.PathLike, settings: dict | None = None) -> Path:
     """Save a head as a model folder. A new folder appears whole (built aside, then renamed)."""
     folder = Path(folder)
     if folder.exists():
         write_head_files(head, folder, settings)
         return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes it private; the renamed folder should read like any other
-        write_head_files(head, tmp, settings)
-        os.rename(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
+    return write_folder(folder, lambda tmp: write_head_files(head, tmp, settings))
 
 
 def read_settings(folder: str | os.PathLike) -> dict:

@@ -12,7 +12,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +32,7 @@ from .losses import (
     supervised_contrastive_from_logits,
     total_loss,
 )
-from .model import CONFIG_FILE, WEIGHTS_FILE, load_head, read_settings, save_head, write_json
+from .model import WEIGHTS_FILE, load_head, read_settings, save_head, write_folder, write_head_files, write_json
 from .schedule import k_at_step
 
 LOSS_NAMES = ("loss", "loss_k", "loss_4k", "loss_aux", "loss_cl")
@@ -279,7 +278,7 @@ class Trainer:
 
     def _restore(self) -> None:
         """Load the latest checkpoint; its configs and data size must match this run's."""
-        ckpt = _latest_checkpoint(self.out)
+        ckpt = latest_checkpoint(self.out)
         if ckpt is None:
             raise InputError(f"{self.out}: has no checkpoint to resume from; start the run without --resume")
         saved = read_settings(ckpt)
@@ -297,7 +296,7 @@ class Trainer:
         self.step = int(state["step"])
         self.counters = state["counters"].to(self.device)
         torch.set_rng_state(state["rng"].cpu())
-        _truncate_log(self.out / LOG_FILE, self.step)
+        truncate_log(self.out / LOG_FILE, self.step)
 
     def _log(self, window: dict[str, torch.Tensor], steps: int, k: int, epoch: int) -> dict:
         means = torch.stack([window[name] for name in LOSS_NAMES]).div(steps).tolist()  # the one sync per window
@@ -315,17 +314,13 @@ class Trainer:
         return self.step % every == 0
 
     def _checkpoint(self) -> None:
-        """Write checkpoints/step-N whole (built aside, then renamed), then drop older ones."""
-        root = self.out / "checkpoints"
-        root.mkdir(exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".step-", dir=root))
-        save_head(self.head, tmp, self._settings())
         state = {"optimizer": self.optimizer.state_dict(), "step": self.step, "counters": self.counters.cpu(), "rng": torch.get_rng_state()}
-        torch.save(state, tmp / STATE_FILE)
-        os.rename(tmp, root / f"step-{self.step:09d}")
-        for old in root.glob("step-*"):
-            if old.name != f"step-{self.step:09d}":
-                shutil.rmtree(old, ignore_errors=True)
+
+        def fill(folder: Path) -> None:
+            write_head_files(self.head, folder, self._settings())
+            torch.save(state, folder / STATE_FILE)
+
+        write_checkpoint(self.out, self.step, fill)
 
     def _finish(self) -> None:
         if self.out is None:
@@ -334,12 +329,22 @@ class Trainer:
         shutil.rmtree(self.out / "checkpoints", ignore_errors=True)
 
 
-def _latest_checkpoint(out: Path) -> Path | None:
-    done = sorted(p for p in (out / "checkpoints").glob("step-*") if (p / STATE_FILE).is_file() and (p / CONFIG_FILE).is_file())
+def write_checkpoint(out: Path, step: int, fill) -> None:
+    """Write out/checkpoints/step-N whole (fill(folder) builds it aside, then it is renamed), then drop older ones."""
+    name = f"step-{step:09d}"
+    write_folder(out / "checkpoints" / name, fill, overwrite=True)
+    for old in (out / "checkpoints").glob("step-*"):
+        if old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The newest whole checkpoint folder under out/checkpoints (one with its state file), or None."""
+    done = sorted(p for p in (out / "checkpoints").glob("step-*") if (p / STATE_FILE).is_file())
     return done[-1] if done else None
 
 
-def _truncate_log(path: Path, step: int) -> None:
+def truncate_log(path: Path, step: int) -> None:
     """Drop log lines written after the checkpoint we resume from, so the log has no step twice."""
     if not path.exists():
         return
