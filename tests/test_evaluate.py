@@ -96,3 +96,20 @@ def test_rerun_reuses_heads_and_rows_and_redoes_only_what_is_missing(suite_run):
     assert untimed(again["rows"]) == untimed(results["rows"])  # seeded CPU training: the same head, the same scores
     changed = [p for p in infos if p.stat().st_mtime_ns != stamps.get(p)]
     assert changed == [removed_head]
+
+
+def test_reproduce_runs_the_end_to_end_methods_on_request(tmp_path):
+    config = SuiteConfig(tasks=("digits", "bbc-news"), methods=("csrv2-linear", "csrv2-full", "mrl-finetuned"), k=(2, 4),
+                         finetune_k=(2, 4), max_train=24, max_test=12, epochs=1, finetune_epochs=1, finetune_batch_size=12, max_seq_length=16,
+                         image_size=32, out=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"), device="cpu")
+    rows = reproduce(config, progress=False)["rows"]
+    assert [(r["task"], r["method"], r["size"]) for r in rows] == [
+        (t, m, k) for t in ("digits", "bbc-news") for m in ("csrv2-linear", "csrv2-full", "mrl-finetuned") for k in (2, 4)]
+    full = [r for r in rows if r["method"] == "csrv2-full"]
+    assert all(r["active_dims"] <= r["size"] and r["train_steps"] == 2 and 0 <= r["score"] <= 1 for r in full)
+    models = sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "run" / "models" / "bbc-news").iterdir())
+    assert models == ["csrv2-full-k2", "csrv2-full-k4", "mrl-finetuned"]  # one Matryoshka backbone serves every prefix
+    # scored on embeddings of the finetuned backbones, which differ from the frozen one's
+    linear = {(r["task"], r["size"]): r["score"] for r in rows if r["method"] == "csrv2-linear"}
+    assert any(r["score"] != linear[r["task"], r["size"]] for r in full)
+    assert reproduce(config, progress=False)["rows"] == rows  # a rerun reuses the models and rows

@@ -17,6 +17,7 @@ ROWS = [
     _row("a", "csrv2-linear", 2, 0.80, dead=50.0), _row("b", "csrv2-linear", 2, 0.60, dead=70.0),
     _row("a", "csr", 8, 0.50, dead=10.0), _row("b", "csr", 8, 0.72, dead=30.0),
     _row("a", "mrl-linear", 32, 0.85),  # task b missing: no average
+    _row("a", "csrv2-full", 2, 0.88, dead=5.0), _row("b", "csrv2-full", 2, 0.70, dead=5.0),
 ]
 
 
@@ -35,11 +36,15 @@ def test_table_and_targets():
     assert "| CSRv2-linear | 2 | 0.800 | 0.600 | 0.700 | 87.5 | 60.0 | 12.0 |" in table
     assert "| dense | 384 | 0.900 | 0.700 | 0.800 | 100.0 |  | 1536.0 |" in table
     lines = target_lines(results)
-    # 0.700 < CSR k=8 at 0.610? no: 0.700 >= 0.610 (met); 0.700 >= 0.85 * 0.800 = 0.680 (met); MRL has no average
+    # 0.700 >= CSR k=8 at 0.610 (met); 0.700 >= 0.85 * 0.800 = 0.680 (met); MRL has no average;
+    # full 0.790 >= linear 0.700 (met); 0.790 < 0.9 * 0.800 = 0.720? no, 0.790 >= 0.720 (met)
     assert lines == [
         "- CSRv2-linear k = 2 average 0.700 >= CSR at k = 8 (0.610): met",
         "- CSRv2-linear k = 2 average 0.700 >= 85% of dense (0.680): met",
+        "- CSRv2 (full) k = 2 average 0.790 >= CSRv2-linear at k = 2 (0.700): met",
+        "- CSRv2 (full) k = 2 average 0.790 >= 90% of dense (0.720): met",
     ]
+    assert "| CSRv2 (full) | 2 | 0.880 | 0.700 | 0.790 | 98.8 | 5.0 | 12.0 |" in table
 
 
 def test_plots_are_written(tmp_path):

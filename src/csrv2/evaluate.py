@@ -109,14 +109,19 @@ def embed_dataset(dataset, backbone: Backbone, cache: EmbeddingCache, progress: 
     raise TypeError(f"cannot embed a {type(dataset).__name__}")
 
 
+def held_out_rows(n: int, fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(rows that still train, rows held out for validation) of a train split of n rows, each sorted."""
+    order = np.random.default_rng(seed).permutation(n)
+    cut = int(round(fraction * n))
+    return np.sort(order[cut:]), np.sort(order[:cut])
+
+
 def hold_out(data: EmbeddedSet, fraction: float = 0.2, seed: int = 0) -> EmbeddedSet:
     """A validation version of `data`: a seeded `fraction` of its train split becomes the split scored,
     the rest trains; its test split is dropped. For choosing settings without looking at test splits."""
     if data.train is None:
         raise ValueError(f"{data.name} has no train split to hold a validation part out of")
-    order = np.random.default_rng(seed).permutation(len(data.train))
-    cut = int(round(fraction * len(order)))
-    val, train = np.sort(order[:cut]), np.sort(order[cut:])
+    train, val = held_out_rows(len(data.train), fraction, seed)
 
     def part(a, rows):
         return None if a is None else a[rows]
@@ -137,6 +142,27 @@ def training_data(data: EmbeddedSet, supervised: bool) -> TrainingData:
             return TrainingData(data.train, documents=data.train_documents)
         return TrainingData(np.concatenate([data.train, data.train_documents]))
     return TrainingData(data.train, class_ids(data.train_labels) if supervised else None)
+
+
+def training_items(dataset, validation: bool = False, seed: int = 0) -> tuple:
+    """(items, labels, documents) of a loaded data set's train split, what end-to-end methods train on:
+    texts or images with labels, or queries with their documents (labels None). With validation, only
+    the rows `hold_out` keeps for training."""
+    if isinstance(dataset, TextPairs):
+        items, labels, documents = dataset.train_queries, None, dataset.train_documents
+    elif isinstance(dataset, (LabelledTexts, LabelledImages)):
+        items = dataset.train_texts if isinstance(dataset, LabelledTexts) else dataset.train_images
+        labels, documents = np.asarray(dataset.train_labels), None
+    else:
+        raise ValueError(f"{dataset.name} has no train split to train on")
+    if not validation:
+        return items, labels, documents
+    rows = held_out_rows(len(items), seed=seed)[0]
+
+    def pick(a):
+        return None if a is None else a[rows] if isinstance(a, np.ndarray) else [a[i] for i in rows]
+
+    return pick(items), pick(labels), pick(documents)
 
 
 def _matrix(r: Representation):
@@ -166,4 +192,4 @@ def score(task: Task, data: EmbeddedSet, represent: Callable[[np.ndarray], Repre
     raise ValueError(f"unknown task kind {task.kind!r}")
 
 
-__all__ = ["DEFAULT_TASKS", "TASKS", "EmbeddedSet", "Task", "embed_dataset", "hold_out", "score", "training_data"]
+__all__ = ["DEFAULT_TASKS", "TASKS", "EmbeddedSet", "Task", "embed_dataset", "held_out_rows", "hold_out", "score", "training_data", "training_items"]

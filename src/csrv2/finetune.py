@@ -187,6 +187,10 @@ class Finetuner:
             self._write_model(trained)
         return trained, self.head
 
+    def dead_fraction(self) -> float:
+        """Share of the head's latents dead now (csrv2 objective)."""
+        return float((self.counters > self.head_config.dead_threshold).float().mean())
+
     def current_k(self) -> int | None:
         if self.head is None:
             return None
@@ -263,8 +267,7 @@ class Finetuner:
     def _log(self, loss: float, k: int | None, epoch: int) -> dict:
         record = {"step": self.step, "epoch": epoch, "loss": loss}
         if self.head is not None:
-            dead = float((self.counters > self.head_config.dead_threshold).float().mean())
-            record |= {"k": k, "dead_pct": 100.0 * dead}
+            record |= {"k": k, "dead_pct": 100.0 * self.dead_fraction()}
         if self.out is not None:
             with open(self.out / LOG_FILE, "a") as f:
                 f.write(json.dumps(record) + "\n")

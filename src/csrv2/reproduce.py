@@ -7,7 +7,12 @@ score every task, then write results.json, results.md and two plots, and print t
   mrl-linear    a Matryoshka-trained linear head on the frozen embeddings, prefix m (baselines.py);
   csr           CSR v1: a sparse head at fixed k, self-supervised contrastive, no labels;
   csrv2-linear  CSRv2 head only: k annealed from 64, supervised contrastive (pairs for retrieval).
-Every trained method uses the same data, epochs, batch size, optimizer and seed.
+Opt-in, since they train the backbone (about an hour on 2 CPU cores for the default suite at one k):
+  csrv2-full    CSRv2: backbone + head trained end to end with the csrv2-linear objective (finetune.py);
+  mrl-finetuned the backbone finetuned alone with the Matryoshka objective on the same budget, prefix m.
+Every head-only method uses the same data, epochs, batch size, optimizer and seed; the two end-to-end
+methods share theirs (finetune_epochs, finetune_batch_size, backbone_lr). A finetuned backbone
+re-embeds the data of the tasks it serves (through the cache, keyed by its weights).
 
 An interrupted run resumes: each head is saved under out/heads and each scored row under out/rows,
 keyed by a hash of everything that determines it, and a rerun reuses whatever matches.
@@ -32,13 +37,18 @@ from .cache import EmbeddingCache
 from .codes import SparseCodes, encode
 from .config import HeadConfig, TrainConfig, preset, resolve_device
 from .datasets import load_dataset
-from .evaluate import DEFAULT_TASKS, TASKS, EmbeddedSet, Task, embed_dataset, hold_out, score, training_data
+from .evaluate import DEFAULT_TASKS, TASKS, EmbeddedSet, Task, embed_dataset, hold_out, score, training_data, training_items
+from .export import read_sparse_encoder
+from .finetune import FinetuneConfig, Finetuner, read_image_model
+from .head import SparseHead
 from .metrics import code_stats, dense_bytes_per_vector
-from .model import load_head, save_head, write_json
+from .model import load_head, read_settings, save_head, write_json
 from .report import markdown_table, plot_results, summarise, target_lines
-from .trainer import Trainer
+from .trainer import Trainer, latest_checkpoint
 
-METHODS = ("dense", "mrl-truncate", "mrl-linear", "csr", "csrv2-linear")
+DEFAULT_METHODS = ("dense", "mrl-truncate", "mrl-linear", "csr", "csrv2-linear")
+FINETUNED = ("csrv2-full", "mrl-finetuned")
+METHODS = DEFAULT_METHODS + FINETUNED
 SIZES = (2, 4, 8, 16, 32, 64)
 QUICK = {"max_train": 400, "max_test": 200, "k": (2, 8, 32)}
 
@@ -49,8 +59,8 @@ class SuiteConfig:
 
     tasks: tuple[str, ...] = DEFAULT_TASKS
     """Tasks to score (default: the six text tasks; fashion-mnist and digits are image tasks)."""
-    methods: tuple[str, ...] = METHODS
-    """Methods to compare."""
+    methods: tuple[str, ...] = DEFAULT_METHODS
+    """Methods to compare; csrv2-full and mrl-finetuned (end to end) are opt-in."""
     k: tuple[int, ...] = SIZES
     """Non-zeros per code for csr / csrv2-linear, and dims for the MRL methods."""
     out: str = "runs/reproduce"
@@ -65,6 +75,14 @@ class SuiteConfig:
     """Training epochs of every trained method (50 beat 20 on the validation splits, `--validation`; the test splits were not looked at)."""
     hidden_dim: int = 0
     """Latents of the sparse heads (0: 4 x the backbone dimension)."""
+    finetune_k: tuple[int, ...] = (2,)
+    """Non-zeros per code of csrv2-full: each k finetunes a backbone of its own (mrl-finetuned trains one for all of --k)."""
+    finetune_epochs: int = 1
+    """Training epochs of the end-to-end methods (csrv2-full, mrl-finetuned); 1 keeps the default suite near an hour on 2 CPU cores."""
+    finetune_batch_size: int = 32
+    """Items (or pairs) per optimizer step of the end-to-end methods."""
+    backbone_lr: float = 2e-5
+    """Adam learning rate of the backbone in the end-to-end methods (their heads keep the head-only lr)."""
     model: str = ""
     """Text backbone: a sentence-transformers folder or hub name (default: the packaged all-MiniLM-L6-v2)."""
     max_seq_length: int = 128
@@ -87,9 +105,10 @@ class SuiteConfig:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
             raise ValueError(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
-        if not self.k or any(k < 1 for k in self.k):
-            raise ValueError(f"k must be positive sizes, got {self.k}")
-        for name in ("max_train", "max_test", "epochs", "max_seq_length"):
+        for name in ("k", "finetune_k"):
+            if not getattr(self, name) or any(k < 1 for k in getattr(self, name)):
+                raise ValueError(f"{name} must be positive sizes, got {getattr(self, name)}")
+        for name in ("max_train", "max_test", "epochs", "max_seq_length", "finetune_epochs", "finetune_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -124,9 +143,14 @@ class Suite:
         device = str(resolve_device(self.cfg.device))  # resolved once; the trainers resolve the same name
         self.text = TextBackbone(self.cfg.model or None, device=device, max_seq_length=self.cfg.max_seq_length)
         self.image = ImageBackbone(self.cfg.image_size, device=device)
-        self.data: dict[str, EmbeddedSet] = {}
+        self.device = device
+        self.datasets: dict[str, object] = {}  # name -> the loaded data set
+        self.data: dict[str, EmbeddedSet] = {}  # name -> its embeddings by the frozen backbone
         self.hashes: dict[str, str] = {}  # data set name -> digest of its embeddings and labels, taken once
-        self.budget = {"epochs": self.cfg.epochs, "seed": self.cfg.seed, "device": self.cfg.device}  # every trained method's
+        self.budget = {"epochs": self.cfg.epochs, "seed": self.cfg.seed, "device": self.cfg.device}  # every head-only method's
+        self.finetune_budget = {"epochs": self.cfg.finetune_epochs, "batch_size": self.cfg.finetune_batch_size,
+                                "backbone_lr": self.cfg.backbone_lr, "seed": self.cfg.seed, "device": self.cfg.device}
+        self.finetuned: dict[tuple[Path, str], tuple[EmbeddedSet, SparseHead | None]] = {}  # (model folder, data set) -> its embeddings, head
 
     # --- the run, top to bottom -------------------------------------------------------------
     def run(self) -> dict:
@@ -152,16 +176,22 @@ class Suite:
     def sizes(self, method: str, task: Task) -> tuple[int, ...]:
         if method == "dense":
             return (self.dim(task),)
-        return tuple(sorted(self.cfg.k))
+        return tuple(sorted(self.cfg.finetune_k if method == "csrv2-full" else self.cfg.k))
 
     def dim(self, task: Task) -> int:
         return self.data[task.dataset].test.shape[1]
 
-    def embed(self, name: str) -> EmbeddedSet:
-        kind = next(t.kind for t in TASKS.values() if t.dataset == name)
-        sizes = {} if kind == "sts" else {"max_train": self.cfg.max_train, "max_test": self.cfg.max_test, "seed": self.cfg.seed}
-        dataset = load_dataset(name, **sizes)
-        data = embed_dataset(dataset, self.image if kind == "image" else self.text, self.cache, progress=self.progress)
+    def dataset(self, name: str):
+        """The data set `name`, loaded once with the suite's sizes and seed."""
+        if name not in self.datasets:
+            sizes = {} if _kind(name) == "sts" else {"max_train": self.cfg.max_train, "max_test": self.cfg.max_test, "seed": self.cfg.seed}
+            self.datasets[name] = load_dataset(name, **sizes)
+        return self.datasets[name]
+
+    def embed(self, name: str, backbone: TextBackbone | ImageBackbone | None = None) -> EmbeddedSet:
+        """The data set's embeddings by `backbone` (default: the frozen one of its kind), through the cache."""
+        backbone = backbone or (self.image if _kind(name) == "image" else self.text)
+        data = embed_dataset(self.dataset(name), backbone, self.cache, progress=self.progress)
         return hold_out(data, seed=self.cfg.seed) if self.cfg.validation else data
 
     def row(self, task: Task, method: str, size: int) -> dict:
@@ -174,9 +204,9 @@ class Suite:
                 return json.loads(path.read_text())
             except (OSError, ValueError):
                 pass  # a damaged row is scored again
-        represent, train_info = self.representation(task, method, size)
+        data, represent, train_info = self.representation(task, method, size)
         start = time.perf_counter()
-        metrics, evaluated = score(task, self.data[task.dataset], represent)
+        metrics, evaluated = score(task, data, represent)
         row = {"task": task.name, "kind": task.kind, "metric": task.metric, "method": method, "size": size,
                "score": metrics[task.metric], "metrics": metrics, **self.stats(evaluated),
                **train_info, "eval_seconds": round(time.perf_counter() - start, 3)}
@@ -187,22 +217,30 @@ class Suite:
     def head_key(self, training_set: str, method: str, size: int) -> str | None:
         if method in ("dense", "mrl-truncate"):
             return None
-        # One Matryoshka head serves every prefix, so it depends on the whole list of sizes; a sparse head on its k alone.
-        size = sorted(self.cfg.k) if method == "mrl-linear" else size
-        return _hash([self.hashes[training_set], method, size, self.budget, self.cfg.hidden_dim, __version__])
+        # One Matryoshka head (or backbone) serves every prefix, so it depends on the whole list of sizes; a sparse head on its k alone.
+        size = sorted(self.cfg.k) if method.startswith("mrl-") else size
+        budget = self.finetune_budget if method in FINETUNED else self.budget
+        return _hash([self.hashes[training_set], method, size, budget, self.cfg.hidden_dim, __version__])
 
     def representation(self, task: Task, method: str, size: int):
-        """(function from dense embeddings to what is scored, training facts for the row)."""
+        """(the embedded data scored, a function from its dense embeddings to what is scored, training facts for the row)."""
+        data = self.data[task.dataset]
         if method == "dense":
-            return (lambda x: x), {}
+            return data, (lambda x: x), {}
         if method == "mrl-truncate":
-            return (lambda x: truncate(x, size)), {}
+            return data, (lambda x: truncate(x, size)), {}
+        if method in FINETUNED:
+            folder, info = self.finetuned_model(task.training_set, method, size)
+            data, head = self.finetuned_embeddings(folder, task.dataset)
+            if head is None:
+                return data, (lambda x: truncate(x, size)), info
+            return data, (lambda x: encode(head, x, size, progress=False)), info
         folder, info = self.trained_head(task.training_set, method, size)
         if method == "mrl-linear":
             head = load_matryoshka(folder)
-            return (lambda x: head.encode(x, size)), info
+            return data, (lambda x: head.encode(x, size)), info
         head = load_head(folder)
-        return (lambda x: encode(head, x, size, progress=False)), info
+        return data, (lambda x: encode(head, x, size, progress=False)), info
 
     def trained_head(self, training_set: str, method: str, size: int) -> tuple[Path, dict]:
         """The folder of the head `method` trains on `training_set` (trained now unless already saved)."""
@@ -234,6 +272,44 @@ class Suite:
         head = trainer.fit()
         return head, {"train_dead_pct": 100.0 * trainer.dead_fraction(), "train_steps": trainer.total_steps}
 
+    def finetuned_model(self, training_set: str, method: str, size: int) -> tuple[Path, dict]:
+        """The folder of the model `method` finetunes on `training_set` (trained now, or resumed, unless finished)."""
+        key = self.head_key(training_set, method, size)
+        label = method if method == "mrl-finetuned" else f"{method}-k{size}"
+        folder = self.out / "models" / training_set / f"{label}-{key}"
+        info_file = folder / "train_info.json"
+        if info_file.exists():
+            return folder, json.loads(info_file.read_text())
+        items, labels, documents = training_items(self.dataset(training_set), self.cfg.validation, self.cfg.seed)
+        image = _kind(training_set) == "image"
+        backbone = ImageBackbone(self.cfg.image_size, device=self.device) if image else \
+            TextBackbone(self.cfg.model or None, device=self.device, max_seq_length=self.cfg.max_seq_length)
+        objective = "matryoshka" if method == "mrl-finetuned" else "csrv2"
+        budget = {name: v for name, v in self.finetune_budget.items() if name != "backbone_lr"}
+        resume = folder.is_dir() and latest_checkpoint(folder) is not None  # an interrupted run goes on
+        start = time.perf_counter()
+        finetuner = Finetuner(backbone, items, labels, documents, k=size, hidden_dim=self.cfg.hidden_dim, train=TrainConfig(**budget),
+                              finetune=FinetuneConfig(objective, self.cfg.backbone_lr, mrl_dims=tuple(sorted(self.cfg.k))),
+                              out=folder, resume=resume, overwrite=not resume, progress=self.progress)
+        finetuner.fit()
+        info = {"train_seconds": round(time.perf_counter() - start, 3), "train_steps": finetuner.total_steps}
+        if finetuner.head is not None:
+            info["train_dead_pct"] = 100.0 * finetuner.dead_fraction()
+        write_json(info_file, info)  # last: a folder without it is trained again
+        return folder, info
+
+    def finetuned_embeddings(self, folder: Path, name: str) -> tuple[EmbeddedSet, SparseHead | None]:
+        """Data set `name` embedded by the finetuned backbone in `folder`, and its head (None for MRL); loaded once."""
+        if (folder, name) not in self.finetuned:
+            if _kind(name) == "image":
+                backbone, head = read_image_model(folder, self.device)
+            elif read_settings(folder)["finetune"]["objective"] == "csrv2":
+                backbone, head = read_sparse_encoder(folder)
+            else:
+                backbone, head = TextBackbone(folder, device=self.device), None
+            self.finetuned[folder, name] = (self.embed(name, backbone), head)
+        return self.finetuned[folder, name]
+
     def stats(self, evaluated: list) -> dict:
         if isinstance(evaluated[0], SparseCodes):
             codes = SparseCodes(np.concatenate([c.indices for c in evaluated]), np.concatenate([c.values for c in evaluated]), evaluated[0].dim)
@@ -250,9 +326,14 @@ class Suite:
         plot_results(results, self.out)
 
 
+def _kind(name: str) -> str:
+    """The task kind of a data set's first task: decides its sizes and its backbone."""
+    return next(t.kind for t in TASKS.values() if t.dataset == name)
+
+
 def reproduce(config: SuiteConfig | None = None, progress: bool = True) -> dict:
     """Run the suite and return results (also written under config.out)."""
     return Suite(config or SuiteConfig(), progress).run()
 
 
-__all__ = ["METHODS", "SIZES", "Suite", "SuiteConfig", "reproduce"]
+__all__ = ["DEFAULT_METHODS", "FINETUNED", "METHODS", "SIZES", "Suite", "SuiteConfig", "reproduce"]
