@@ -11,7 +11,8 @@ Opt-in, since they train the backbone (about an hour on 2 CPU cores for the defa
   csrv2-full    CSRv2: backbone + head trained end to end with the csrv2-linear objective (finetune.py);
   mrl-finetuned the backbone finetuned alone with the Matryoshka objective on the same budget, prefix m.
 Every head-only method uses the same data, epochs, batch size, optimizer and seed; the two end-to-end
-methods share theirs (finetune_epochs, finetune_batch_size, backbone_lr). A finetuned backbone
+methods share theirs (finetune_epochs, finetune_batch_size, backbone_lr). On image sets every trained
+method takes the paper's vision recipe (lr 4e-4, AuxK weight 1/32). A finetuned backbone
 re-embeds the data of the tasks it serves (through the cache, keyed by its weights).
 
 An interrupted run resumes: each head is saved under out/heads and each scored row under out/rows,
@@ -50,6 +51,7 @@ DEFAULT_METHODS = ("dense", "mrl-truncate", "mrl-linear", "csr", "csrv2-linear")
 FINETUNED = ("csrv2-full", "mrl-finetuned")
 METHODS = DEFAULT_METHODS + FINETUNED
 SIZES = (2, 4, 8, 16, 32, 64)
+VISION_RECIPE = {"lr": 4e-4, "aux_coef": 1 / 32}
 QUICK = {"max_train": 400, "max_test": 200, "k": (2, 8, 32)}
 
 
@@ -219,8 +221,13 @@ class Suite:
             return None
         # One Matryoshka head (or backbone) serves every prefix, so it depends on the whole list of sizes; a sparse head on its k alone.
         size = sorted(self.cfg.k) if method.startswith("mrl-") else size
+        return _hash([self.hashes[training_set], method, size, self.budget_for(training_set, method), self.cfg.hidden_dim, __version__])
+
+    def budget_for(self, training_set: str, method: str) -> dict:
+        """The TrainConfig fields `method` trains with on `training_set` (plus backbone_lr for the end-to-end methods):
+        image sets take the paper's vision recipe (lr 4e-4, beta = 1/32; its batch of 4096 exceeds these train splits)."""
         budget = self.finetune_budget if method in FINETUNED else self.budget
-        return _hash([self.hashes[training_set], method, size, budget, self.cfg.hidden_dim, __version__])
+        return {**budget, **(VISION_RECIPE if _kind(training_set) == "image" else {})}
 
     def representation(self, task: Task, method: str, size: int):
         """(the embedded data scored, a function from its dense embeddings to what is scored, training facts for the row)."""
@@ -254,20 +261,20 @@ class Suite:
         start = time.perf_counter()
         if method == "mrl-linear":
             dims = tuple(sorted(self.cfg.k))
-            head = train_matryoshka(training_data(data, supervised=True), TrainConfig(**self.budget), dims, progress=False)
+            head = train_matryoshka(training_data(data, supervised=True), TrainConfig(**self.budget_for(training_set, method)), dims, progress=False)
             save_matryoshka(head, folder)
             info = {}
         else:
-            head, info = self.train_sparse(data, method, size)
+            head, info = self.train_sparse(data, method, size, self.budget_for(training_set, method))
             save_head(head, folder)
         info = {**info, "train_seconds": round(time.perf_counter() - start, 3)}
         write_json(info_file, info)  # last: a folder without it is trained again
         return folder, info
 
-    def train_sparse(self, data: EmbeddedSet, method: str, k: int):
+    def train_sparse(self, data: EmbeddedSet, method: str, k: int, budget: dict):
         supervised = method == "csrv2-linear"
         train_data = training_data(data, supervised)
-        trainer = Trainer(HeadConfig(train_data.dim, self.cfg.hidden_dim, k), preset("csrv2" if supervised else "csr", **self.budget),
+        trainer = Trainer(HeadConfig(train_data.dim, self.cfg.hidden_dim, k), preset("csrv2" if supervised else "csr", **budget),
                           train_data, progress=False)
         head = trainer.fit()
         return head, {"train_dead_pct": 100.0 * trainer.dead_fraction(), "train_steps": trainer.total_steps}
@@ -285,7 +292,7 @@ class Suite:
         backbone = ImageBackbone(self.cfg.image_size, device=self.device) if image else \
             TextBackbone(self.cfg.model or None, device=self.device, max_seq_length=self.cfg.max_seq_length)
         objective = "matryoshka" if method == "mrl-finetuned" else "csrv2"
-        budget = {name: v for name, v in self.finetune_budget.items() if name != "backbone_lr"}
+        budget = {name: v for name, v in self.budget_for(training_set, method).items() if name != "backbone_lr"}
         resume = folder.is_dir() and latest_checkpoint(folder) is not None  # an interrupted run goes on
         start = time.perf_counter()
         finetuner = Finetuner(backbone, items, labels, documents, k=size, hidden_dim=self.cfg.hidden_dim, train=TrainConfig(**budget),
