@@ -33,6 +33,7 @@ def main(argv=None) -> None:
     p.add_argument("--k", type=int, default=2)
     p.add_argument("--max-seq-length", type=int, default=128)
     p.add_argument("--no-bf16", action="store_true")
+    p.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank instead of every parameter")
     p.add_argument("--json", metavar="OUT")
     a = p.parse_args(argv)
     device = resolve_device(a.device)
@@ -40,7 +41,7 @@ def main(argv=None) -> None:
     n = a.batch_size * a.steps
     texts = (data.train_texts * (n // len(data.train_texts) + 1))[:n]
     labels = (list(data.train_labels) * (n // len(data.train_labels) + 1))[:n]
-    ft = FinetuneConfig(bf16=not a.no_bf16)
+    ft = FinetuneConfig(bf16=not a.no_bf16, lora_rank=a.lora_rank)
 
     def run(count: int) -> float:
         backbone = TextBackbone(device=str(device), max_seq_length=a.max_seq_length)
@@ -59,7 +60,7 @@ def main(argv=None) -> None:
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     result = {"device": name, "torch": torch.__version__, "batch_size": a.batch_size, "steps": a.steps,
-              "max_seq_length": a.max_seq_length, "bf16": device.type == "cuda" and ft.bf16, "seconds": seconds,
+              "max_seq_length": a.max_seq_length, "bf16": device.type == "cuda" and ft.bf16, "lora_rank": a.lora_rank, "seconds": seconds,
               "samples_per_s": a.batch_size * a.steps / seconds, "peak_memory_gib": peak}
     print(f"{name}, torch {torch.__version__}: all-MiniLM-L6-v2 + head (k = {a.k}), batch {a.batch_size}, "
           f"{a.max_seq_length} tokens, bf16 {result['bf16']}: {result['samples_per_s']:.1f} samples/s over {a.steps} steps, peak memory {peak:.2f} GiB")

@@ -7,7 +7,7 @@ score every task, then write results.json, results.md and two plots, and print t
   mrl-linear    a Matryoshka-trained linear head on the frozen embeddings, prefix m (baselines.py);
   csr           CSR v1: a sparse head at fixed k, self-supervised contrastive, no labels;
   csrv2-linear  CSRv2 head only: k annealed from 64, supervised contrastive (pairs for retrieval).
-Opt-in, since they train the backbone (about an hour on 2 CPU cores for the default suite at one k):
+Opt-in, since they train the backbone (csrv2-full takes about an hour on 2 CPU cores for the default suite at k = 2):
   csrv2-full    CSRv2: backbone + head trained end to end with the csrv2-linear objective (finetune.py);
   mrl-finetuned the backbone finetuned alone with the Matryoshka objective on the same budget, prefix m.
 Every head-only method uses the same data, epochs, batch size, optimizer and seed; the two end-to-end
@@ -79,8 +79,8 @@ class SuiteConfig:
     """Latents of the sparse heads (0: 4 x the backbone dimension)."""
     finetune_k: tuple[int, ...] = (2,)
     """Non-zeros per code of csrv2-full: each k finetunes a backbone of its own (mrl-finetuned trains one for all of --k)."""
-    finetune_epochs: int = 1
-    """Training epochs of the end-to-end methods (csrv2-full, mrl-finetuned); 1 keeps the default suite near an hour on 2 CPU cores."""
+    finetune_epochs: int = 3
+    """Training epochs of the end-to-end methods (csrv2-full, mrl-finetuned)."""
     finetune_batch_size: int = 32
     """Items (or pairs) per optimizer step of the end-to-end methods."""
     backbone_lr: float = 2e-5
