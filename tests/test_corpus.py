@@ -84,3 +84,21 @@ def test_cli_builds_from_a_table_and_searches_by_text(tmp_path, head, capsys, mo
     assert "is not the one that embedded this index" in capsys.readouterr().err
     assert main(["search", "--index", index, *base]) == 2
     assert "give query texts or --queries" in capsys.readouterr().err
+
+
+def test_cli_indexes_and_searches_with_a_sparse_encoder_folder(tmp_path, head, capsys, monkeypatch):
+    from csrv2.export import export_sparse_encoder
+
+    monkeypatch.setenv("CSRV2_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    export_sparse_encoder(head, tmp_path / "encoder", TextBackbone(max_seq_length=32))  # as csrv2 finetune writes it
+    table = tmp_path / "docs.csv"
+    with open(table, "w", newline="") as f:
+        csv.writer(f).writerows([["text"], *([d] for d in DOCS)])
+    index = str(tmp_path / "docs.index")
+    base = ["--model", str(tmp_path / "encoder"), "--no-progress"]
+    assert main(["index", "build", *base, "--data", str(table), "--out", index]) == 0
+    assert main(["search", "--index", index, *base, DOCS[2]]) == 0
+    assert "1. id 2 (" in capsys.readouterr().out  # its own backbone embedded both sides
+    assert main(["search", "--index", index, *base, "--backbone", "all-MiniLM-L6-v2", "rain"]) == 2
+    assert "brings its own backbone" in capsys.readouterr().err

@@ -9,6 +9,7 @@ import ast
 import dataclasses
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -267,20 +268,37 @@ def run_index(args: argparse.Namespace) -> None:
     if (args.data is None) == (args.embeddings is None):
         raise ValueError("give --embeddings (vectors) or --data (texts to embed), one of the two")
     if args.data is not None:
-        from .backbone import TextBackbone
-        from .config import resolve_device
         from .corpus import build_text_index
         from .embedding import texts_of
-        from .model import load_head
 
-        backbone = TextBackbone(args.backbone, device=args.device, max_seq_length=args.max_seq_length)
-        head = load_head(args.model, resolve_device(args.device))
+        backbone, head = _text_model(args)
         texts = texts_of(args.data, split=args.split, text_column=args.text_column)
         index = build_text_index(head, backbone, texts, args.out, k=args.k, metric=args.metric, progress=not args.no_progress)
     else:
         index = InvertedIndex.build(_encode_file(args), metric=args.metric)
         index.save(args.out)
     print(f"wrote {args.out}: {index!r}, {index.bytes_per_vector():.2f} bytes per vector")
+
+
+def _text_model(args: argparse.Namespace, backbone_options: bool = True):
+    """(backbone, head) for texts: --model as a SparseEncoder folder (csrv2 finetune's or anyone's) brings both;
+    with a csrv2 head folder the backbone is --backbone / --max-seq-length's (None unless backbone_options)."""
+    from .backbone import TextBackbone
+    from .config import resolve_device
+    from .export import read_sparse_encoder
+    from .model import load_head
+
+    device = resolve_device(args.device)
+    if (Path(args.model) / "modules.json").is_file():
+        if args.backbone is not None:
+            raise ValueError(f"{args.model} is a SparseEncoder folder and brings its own backbone; drop --backbone")
+        backbone, head = read_sparse_encoder(args.model)
+        if args.max_seq_length is not None:
+            backbone.model.max_seq_length = args.max_seq_length
+        return backbone, head.to(device)
+    if not backbone_options:
+        return None, load_head(args.model, device)
+    return TextBackbone(args.backbone, device=args.device, max_seq_length=args.max_seq_length), load_head(args.model, device)
 
 
 def run_search(args: argparse.Namespace) -> None:
@@ -291,13 +309,12 @@ def run_search(args: argparse.Namespace) -> None:
     index = InvertedIndex.open(args.index)  # checked before the queries are encoded
     texts = None
     if args.texts:
-        from .config import resolve_device
         from .corpus import query_backbone, read_texts, search_texts
-        from .model import load_head
 
         info = read_texts(args.index, index)
-        backbone = query_backbone(info, args.backbone, args.max_seq_length, args.device)
-        ids, scores = search_texts(index, load_head(args.model, resolve_device(args.device)), backbone, args.texts, args.top_n, args.k)
+        own, head = _text_model(args, backbone_options=False)  # a SparseEncoder folder brings its backbone
+        backbone = query_backbone(info, args.backbone, args.max_seq_length, args.device, own)
+        ids, scores = search_texts(index, head, backbone, args.texts, args.top_n, args.k)
         texts = info["texts"] if info else None
     else:
         ids, scores = index.search(_encode_file(args), args.top_n)

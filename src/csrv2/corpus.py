@@ -60,12 +60,13 @@ def read_texts(index_path: str | os.PathLike, index: InvertedIndex) -> dict | No
     return info
 
 
-def query_backbone(info: dict | None, model: str | None, max_seq_length: int | None, device: str = "cpu") -> TextBackbone:
-    """The backbone that embeds queries: the one named (or the index's own), checked against the index's identity."""
-    if info is None and model is None:
+def query_backbone(info: dict | None, model: str | None, max_seq_length: int | None, device: str = "cpu",
+                   backbone: TextBackbone | None = None) -> TextBackbone:
+    """The backbone that embeds queries: `backbone`, else the one named (or the index's own), checked against the index's identity."""
+    if info is None and model is None and backbone is None:
         raise InputError("this index holds no texts, so it does not say which backbone embedded them; pass --backbone")
-    backbone = TextBackbone(model or info["backbone"], device=device,
-                            max_seq_length=max_seq_length if max_seq_length is not None else (info or {}).get("max_seq_length"))
+    backbone = backbone or TextBackbone(model or info["backbone"], device=device,
+                                        max_seq_length=max_seq_length if max_seq_length is not None else (info or {}).get("max_seq_length"))
     if info is not None and backbone.identity != info["identity"]:
         raise InputError(
             f"backbone {backbone.name!r} (max_seq_length {backbone.model.max_seq_length}) is not the one that embedded this "
