@@ -241,7 +241,10 @@ def run_train(args: argparse.Namespace) -> None:
         **_given(args, HEAD_OPTIONS),
         **_given(args, train_fields),
     )
-    print(f"wrote {args.out}: {head.config.input_dim} -> {head.config.hidden_dim} latents, k = {head.config.k}")
+    from . import distributed
+
+    if distributed.is_main():  # under torchrun, one line for the run
+        print(f"wrote {args.out}: {head.config.input_dim} -> {head.config.hidden_dim} latents, k = {head.config.k}")
 
 
 def _encode_file(args: argparse.Namespace):
@@ -402,4 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:  # InputError is a ValueError: bad input, said in one line
         print(f"csrv2: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        from . import distributed
+
+        distributed.close()
     return 0

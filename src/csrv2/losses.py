@@ -20,19 +20,26 @@ def reconstruction_loss(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(x_hat, x)
 
 
-def auxk_loss(residual: torch.Tensor, residual_hat: torch.Tensor, any_dead: torch.Tensor | bool) -> torch.Tensor:
+def auxk_loss(residual: torch.Tensor, residual_hat: torch.Tensor, any_dead: torch.Tensor | bool, baseline: torch.Tensor | None = None) -> torch.Tensor:
     """Normalised MSE of the dead latents' reconstruction of the residual x - x_hat_k.
 
     residual: (batch, input_dim), computed with the gradient stopped through x_hat_k;
     residual_hat: (batch, input_dim), W^T z_aux from the top k_aux dead pre-activations.
     MSE(residual_hat, residual) / MSE(mean over the batch of residual, residual); exactly 0 when no
     latent is dead (`any_dead` is a 0-dim bool tensor so that no host synchronisation is needed) and
-    when the residual does not vary over the batch (the normaliser is 0).
+    when the residual does not vary over the batch (the normaliser is 0). `baseline` replaces the
+    normaliser, e.g. by the residual's spread over a batch split across processes (residual_spread).
     """
     mse = F.mse_loss(residual_hat, residual)
-    baseline = F.mse_loss(residual.mean(dim=0, keepdim=True).expand_as(residual), residual)
+    if baseline is None:
+        baseline = residual_spread(residual.sum(0), residual.square().sum(), len(residual))
     ratio = torch.where(baseline > 0, mse / baseline.clamp_min(torch.finfo(mse.dtype).tiny), torch.zeros_like(mse))
     return ratio * torch.as_tensor(any_dead, dtype=ratio.dtype, device=ratio.device)
+
+
+def residual_spread(total: torch.Tensor, total_square: torch.Tensor, n: int | torch.Tensor) -> torch.Tensor:
+    """MSE of n rows about their mean, from their sum (d,) and the sum of their squares (0-dim): E[r^2] - E[r]^2 per element."""
+    return (total_square - total.square().sum() / n) / (n * total.numel())
 
 
 def cosine_logits(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -52,10 +59,14 @@ def supervised_contrastive_loss(codes: torch.Tensor, labels: torch.Tensor, tempe
     return supervised_contrastive_from_logits(cosine_logits(codes, codes, temperature), labels)
 
 
-def supervised_contrastive_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """`supervised_contrastive_loss` from its (batch, batch) matrix s = cosine / T."""
-    same = labels[:, None] == labels[None, :]
-    eye = torch.eye(len(labels), dtype=torch.bool, device=logits.device)
+def supervised_contrastive_from_logits(logits: torch.Tensor, labels: torch.Tensor, column_labels: torch.Tensor | None = None,
+                                       offset: int = 0) -> torch.Tensor:
+    """`supervised_contrastive_loss` from its matrix s = cosine / T: (batch, batch), or (n, batch) for
+    n rows of the batch whose own copies are columns offset .. offset + n (column_labels: (batch,))."""
+    column_labels = labels if column_labels is None else column_labels
+    same = labels[:, None] == column_labels[None, :]
+    rows, cols = logits.shape
+    eye = torch.arange(rows, device=logits.device)[:, None] + offset == torch.arange(cols, device=logits.device)[None, :]
     # log-weights: 0 for the own copy (weight 1), log 2 for both views of another sample.
     log_w = torch.where(eye, 0.0, math.log(2.0)).to(logits.dtype)
     log_pos = torch.logsumexp(torch.where(same, logits + log_w, -torch.inf), dim=1)
@@ -81,9 +92,10 @@ def pairs_contrastive_loss(query_codes: torch.Tensor, doc_codes: torch.Tensor, t
     return pairs_contrastive_from_logits(cosine_logits(query_codes, doc_codes, temperature))
 
 
-def pairs_contrastive_from_logits(logits: torch.Tensor) -> torch.Tensor:
-    """`pairs_contrastive_loss` from its (batch, batch) query-document matrix s = cosine / T."""
-    return F.cross_entropy(logits, torch.arange(len(logits), device=logits.device))
+def pairs_contrastive_from_logits(logits: torch.Tensor, offset: int = 0) -> torch.Tensor:
+    """`pairs_contrastive_loss` from its query-document matrix s = cosine / T: (batch, batch), or (n, batch)
+    for n queries whose documents are columns offset .. offset + n."""
+    return F.cross_entropy(logits, torch.arange(len(logits), device=logits.device) + offset)
 
 
 def sparse_to_dense(indices: torch.Tensor, values: torch.Tensor, dim: int) -> torch.Tensor:

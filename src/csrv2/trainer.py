@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from . import __version__
+from . import distributed as dist
 from .config import HeadConfig, TrainConfig, preset, resolve_device, resolve_k_init
 from .data import TrainingData, class_ids
 from .errors import InputError
@@ -28,6 +29,7 @@ from .losses import (
     auxk_loss,
     pairs_contrastive_from_logits,
     reconstruction_loss,
+    residual_spread,
     sparse_to_dense,
     supervised_contrastive_from_logits,
     total_loss,
@@ -72,6 +74,7 @@ def step_losses(
     x_hat_4k = head.unstandardize(sum_k + sum_rest, std, mu)
 
     fired = torch.zeros(h, device=x.device).index_add_(0, idx_k.reshape(-1), (val_k > 0).reshape(-1).float()) > 0
+    fired = dist.any_rank(fired)  # in the global batch, when it is split across processes
     losses = {
         "loss_k": reconstruction_loss(x, x_hat_k),
         "loss_4k": reconstruction_loss(x, x_hat_4k),
@@ -99,14 +102,16 @@ def _auxk(head: SparseHead, pre: torch.Tensor, dead: torch.Tensor, residual: tor
         top = pre.masked_fill(~dead, -torch.inf).topk(k_aux, dim=1)
         z = torch.zeros_like(pre).scatter(1, top.indices, top.values.relu())
         weight = head.weight
-    return auxk_loss(residual, head.unstandardize(z @ weight, std, bias=False), True)
+    # the normaliser over the global batch when it is split across processes (distributed.py)
+    baseline = residual_spread(dist.sum_over_ranks(residual.sum(0)), dist.sum_over_ranks(residual.square().sum()), len(residual) * dist.world_size())
+    return auxk_loss(residual, head.unstandardize(z @ weight, std, bias=False), True, baseline)
 
 
 def _contrastive(idx: torch.Tensor, val: torch.Tensor, h: int, mode: str, labels, temperature: float) -> torch.Tensor:
-    """The contrastive loss on the k-sparse codes (idx, val): (n, k)."""
+    """The contrastive loss on the k-sparse codes (idx, val): (n, k); across processes, this rank's rows
+    against the codes of the whole global batch (distributed.py)."""
     if mode == "none":
         return torch.zeros((), device=val.device)
-    n = len(idx)
     if mode == "pairs":
         (qi, di), (qv, dv) = idx.chunk(2), val.chunk(2)
     else:
@@ -115,12 +120,13 @@ def _contrastive(idx: torch.Tensor, val: torch.Tensor, h: int, mode: str, labels
     # one product beats comparing index pairs (n^2 k^2 elementwise work) from k = 2 on (measured on CPU).
     q = sparse_to_dense(qi, F.normalize(qv, dim=-1), h)
     d = q if mode != "pairs" else sparse_to_dense(di, F.normalize(dv, dim=-1), h)
-    logits = q @ d.T / temperature
+    n, offset = len(q), dist.rank() * len(q)
+    logits = q @ dist.gather(d).T / temperature  # (n, world x n)
     if mode == "pairs":
-        return pairs_contrastive_from_logits(logits)
+        return pairs_contrastive_from_logits(logits, offset)
     if mode == "self":
-        labels = torch.arange(n, device=val.device)
-    return supervised_contrastive_from_logits(logits, labels)
+        labels = torch.arange(n, device=val.device) + offset
+    return supervised_contrastive_from_logits(logits, labels, dist.gather_labels(labels), offset)
 
 
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
@@ -153,8 +159,23 @@ def contrastive_mode(cfg: TrainConfig, data: TrainingData) -> str:
     return mode
 
 
+class Objective(torch.nn.Module):
+    """The head and its objective as one module, whose forward is `step_losses`: what DistributedDataParallel wraps."""
+
+    def __init__(self, head: SparseHead, cfg: TrainConfig, mode: str) -> None:
+        super().__init__()
+        self.head, self.cfg, self.mode = head, cfg, mode
+
+    def forward(self, x: torch.Tensor, k: int, dead: torch.Tensor, labels: torch.Tensor | None):
+        return step_losses(self.head, x, k, dead, self.cfg, self.mode, labels)
+
+
 class Trainer:
-    """Trains a `SparseHead` on `TrainingData`; owns the optimizer, the step, k and the dead-latent counters."""
+    """Trains a `SparseHead` on `TrainingData`; owns the optimizer, the step, k and the dead-latent counters.
+
+    Under torchrun each rank trains on its shard of every global batch and DDP averages the gradients,
+    which reproduces one process on the whole batch (distributed.py); only rank 0 logs and writes files.
+    """
 
     def __init__(
         self,
@@ -180,11 +201,18 @@ class Trainer:
         self.steps_per_epoch = math.ceil(len(data) / train_config.batch_size)
         self.total_steps = self.steps_per_epoch * train_config.epochs
         self.out = Path(out) if out is not None else None
-        self.resume, self.overwrite, self.progress = resume, overwrite, progress
-        self.device = resolve_device(train_config.device)
+        self.resume, self.overwrite, self.progress = resume, overwrite, progress and dist.is_main()
+        self.device = dist.init(resolve_device(train_config.device))
+        if train_config.batch_size % dist.world_size():
+            raise InputError(f"batch_size {train_config.batch_size} does not split evenly over {dist.world_size()} processes; "
+                             f"pass a multiple of {dist.world_size()}")
+        dist.same_everywhere((len(data), data.dim, self.mode), "data (rows, dims, contrastive form)")
 
         generator = torch.Generator().manual_seed(train_config.seed)
         self.head = SparseHead(head_config, generator).to(self.device)
+        objective = Objective(self.head, train_config, self.mode)
+        cuda = self.device.type == "cuda"
+        self.objective = torch.nn.parallel.DistributedDataParallel(objective, [self.device] if cuda else None) if dist.active() else objective
         # The fused kernel does Adam's elementwise update in one pass (about 3x faster here on CPU).
         fused = self.device.type in ("cpu", "cuda")
         self.optimizer = torch.optim.Adam(self.head.parameters(), lr=train_config.lr, eps=train_config.adam_eps, fused=fused)
@@ -227,7 +255,7 @@ class Trainer:
     def train_step(self, x: torch.Tensor, labels: torch.Tensor | None, k: int) -> dict[str, torch.Tensor]:
         """One optimizer step at k; updates the dead-latent counters. x: (n, input_dim)."""
         dead = self.counters > self.head_config.dead_threshold
-        losses, fired = step_losses(self.head, x, k, dead, self.cfg, self.mode, labels)
+        losses, fired = self.objective(x, k, dead, labels)
         self.optimizer.zero_grad(set_to_none=True)
         losses["loss"].backward()
         self.optimizer.step()
@@ -244,7 +272,7 @@ class Trainer:
             self._order = (epoch, epoch_order(self.cfg.seed, epoch, len(self.data)))
         order = self._order[1]
         b = self.cfg.batch_size
-        rows = np.sort(order[position * b : (position + 1) * b])  # sorted: contiguous reads from a memory map
+        rows = dist.shard(np.sort(order[position * b : (position + 1) * b]))  # sorted: contiguous reads from a memory map
         x = batch_embeddings(self.data, rows, self.mode == "pairs")
         labels = None if self.labels is None else self.labels[rows].to(self.device)
         return torch.from_numpy(x).to(self.device), labels
@@ -258,6 +286,7 @@ class Trainer:
             "samples": len(self.data),
             "total_steps": self.total_steps,
             "step": self.step,
+            "world_size": dist.world_size(),
         }
 
     def _prepare_run_folder(self) -> None:
@@ -266,15 +295,17 @@ class Trainer:
         if self.out.exists() and not self.out.is_dir():
             raise InputError(f"{self.out}: exists and is not a folder; choose another --out")
         started = (self.out / "checkpoints").exists() or (self.out / WEIGHTS_FILE).exists() or (self.out / LOG_FILE).exists()
+        dist.barrier()  # every rank has looked before rank 0 changes anything
         if self.resume:
             self._restore()
         elif started and not self.overwrite:
             raise InputError(f"{self.out}: already holds a training run; pass --resume to continue it or --overwrite to start over")
-        elif started:
+        elif started and dist.is_main():
             shutil.rmtree(self.out / "checkpoints", ignore_errors=True)
             (self.out / LOG_FILE).unlink(missing_ok=True)
-        self.out.mkdir(parents=True, exist_ok=True)
-        write_json(self.out / "run.json", {"head": self.head_config.to_dict(), **self._settings()})
+        if dist.is_main():
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_json(self.out / "run.json", {"head": self.head_config.to_dict(), **self._settings()})
 
     def _restore(self) -> None:
         """Load the latest checkpoint; its configs and data size must match this run's."""
@@ -296,19 +327,21 @@ class Trainer:
         self.step = int(state["step"])
         self.counters = state["counters"].to(self.device)
         torch.set_rng_state(state["rng"].cpu())
-        truncate_log(self.out / LOG_FILE, self.step)
+        if dist.is_main():
+            truncate_log(self.out / LOG_FILE, self.step)
 
     def _log(self, window: dict[str, torch.Tensor], steps: int, k: int, epoch: int) -> dict:
-        means = torch.stack([window[name] for name in LOSS_NAMES]).div(steps).tolist()  # the one sync per window
+        means = torch.stack([window[name] for name in LOSS_NAMES]).div(steps)
+        means = (dist.sum_over_ranks(means) / dist.world_size()).tolist()  # the one sync per window
         record = {"step": self.step, "epoch": epoch, "k": k, **dict(zip(LOSS_NAMES, means))}
         record["dead_pct"] = 100.0 * self.dead_fraction()
-        if self.out is not None:
+        if self.out is not None and dist.is_main():
             with open(self.out / LOG_FILE, "a") as f:
                 f.write(json.dumps(record) + "\n")
         return record
 
     def _checkpoint_due(self) -> bool:
-        if self.out is None or self.step == self.total_steps:
+        if self.out is None or self.step == self.total_steps or not dist.is_main():
             return False
         every = self.cfg.checkpoint_every or self.steps_per_epoch
         return self.step % every == 0
@@ -323,7 +356,7 @@ class Trainer:
         write_checkpoint(self.out, self.step, fill)
 
     def _finish(self) -> None:
-        if self.out is None:
+        if self.out is None or not dist.is_main():
             return
         save_head(self.head, self.out, self._settings())
         shutil.rmtree(self.out / "checkpoints", ignore_errors=True)

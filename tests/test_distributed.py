@@ -1,0 +1,87 @@
+"""torchrun + DDP on CPU (gloo): 2 ranks x 64 rows train exactly as 1 process x 128 (--batch-size is the global batch)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from csrv2 import distributed
+from csrv2.losses import residual_spread
+
+
+def _torchrun(nproc: int, *args: str, cwd) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m", "csrv2", *args]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ddp")
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 6, 512)
+    x = (rng.normal(size=(6, 48))[labels] + 0.5 * rng.normal(size=(512, 48))).astype(np.float32)
+    np.savez(folder / "train.npz", embeddings=x, labels=labels)
+    return folder
+
+
+def _train(folder, name: str, nproc: int, batch: int, *extra: str) -> subprocess.CompletedProcess:
+    args = ["train", "--embeddings", "train.npz", "--k", "4", "--hidden-dim", "192", "--epochs", "2", "--batch-size", str(batch),
+            "--log-every", "1", "--dead-threshold", "1", "--device", "cpu", "--no-progress", "--out", name, *extra]
+    if nproc == 1:
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        return subprocess.run([sys.executable, "-m", "csrv2", *args], cwd=folder, env=env, capture_output=True, text=True, timeout=300)
+    return _torchrun(nproc, *args, cwd=folder)
+
+
+@pytest.mark.parametrize("contrastive", ["supervised", "self"])
+def test_two_ranks_follow_one_process(data, contrastive):
+    one = _train(data, f"one-{contrastive}", 1, 128, "--contrastive", contrastive)
+    two = _train(data, f"two-{contrastive}", 2, 128, "--contrastive", contrastive)
+    assert one.returncode == 0, one.stderr[-2000:]
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout.count("wrote") == 1  # only rank 0 speaks
+
+    def log(name):
+        return [json.loads(line) for line in (data / name / "train_log.jsonl").read_text().splitlines()]
+
+    a, b = log(f"one-{contrastive}"), log(f"two-{contrastive}")
+    assert len(a) == len(b) == 8 and any(r["loss_aux"] > 0 for r in a)  # AuxK took part
+    for ra, rb in zip(a, b):
+        for name in ("loss", "loss_k", "loss_4k", "loss_aux", "loss_cl", "dead_pct"):
+            assert rb[name] == pytest.approx(ra[name], abs=1e-5), (ra["step"], name)
+    wa, wb = load_file(str(data / f"one-{contrastive}" / "model.safetensors")), load_file(str(data / f"two-{contrastive}" / "model.safetensors"))
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], atol=1e-5, rtol=0)
+    assert json.loads((data / f"two-{contrastive}" / "csrv2.json").read_text())["world_size"] == 2
+
+
+def test_a_batch_that_does_not_split_is_refused_on_every_rank(data):
+    result = _train(data, "odd", 2, 63)
+    assert result.returncode != 0
+    assert result.stderr.count("csrv2: error: batch_size 63 does not split evenly over 2 processes; pass a multiple of 2") == 2
+    assert "exitcode: 2" in result.stderr and "site-packages/csrv2" not in result.stderr  # both ranks exit, no traceback of ours
+    assert not (data / "odd").exists()
+
+
+def test_helpers_are_no_ops_in_one_process():
+    x = torch.arange(6.0).reshape(3, 2)
+    assert not distributed.active() and distributed.rank() == 0 and distributed.world_size() == 1 and distributed.is_main()
+    assert distributed.gather(x) is x and distributed.gather_labels(x) is x and distributed.sum_over_ranks(x) is x
+    assert np.array_equal(distributed.shard(np.arange(5)), np.arange(5))
+    distributed.same_everywhere(3, "anything")
+    distributed.barrier()
+    assert distributed.init(torch.device("cpu")) == torch.device("cpu")
+
+
+def test_residual_spread_is_the_mse_about_the_mean():
+    r = torch.randn(10, 4, dtype=torch.float64)
+    expected = ((r - r.mean(0)) ** 2).mean()
+    torch.testing.assert_close(residual_spread(r.sum(0), r.square().sum(), 10), expected)
