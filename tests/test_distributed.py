@@ -85,3 +85,22 @@ def test_residual_spread_is_the_mse_about_the_mean():
     r = torch.randn(10, 4, dtype=torch.float64)
     expected = ((r - r.mean(0)) ** 2).mean()
     torch.testing.assert_close(residual_spread(r.sum(0), r.square().sum(), 10), expected)
+
+
+def test_embed_under_torchrun_writes_a_shard_per_rank(tmp_path, monkeypatch):
+    monkeypatch.setenv("CSRV2_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    args = ["embed", "--data", "bbc-news", "--split", "test", "--max-rows", "7", "--max-seq-length", "32", "--no-progress"]
+    two = _torchrun(2, *args, "--out", "shards", cwd=tmp_path)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout.count("wrote") == 1 and "(2 shards)" in two.stdout
+    bad = _torchrun(2, *args, "--out", "one.npz", cwd=tmp_path)
+    assert bad.returncode != 0 and bad.stderr.count("pass a folder as --out") == 2
+    from csrv2.cli import main
+    from csrv2.data import load_training_data
+
+    assert main([*args, "--out", str(tmp_path / "one.npz"), "--cache-dir", str(tmp_path / "cache1")]) == 0
+    sharded, whole = load_training_data(tmp_path / "shards"), load_training_data(tmp_path / "one.npz")
+    assert [len(s) for s in sharded.embeddings.shards] == [3, 4]  # contiguous parts, in rank order
+    np.testing.assert_allclose(sharded.embeddings[np.arange(7)], whole.embeddings, atol=1e-5)
+    np.testing.assert_array_equal(sharded.labels, whole.labels)

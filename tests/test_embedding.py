@@ -48,5 +48,29 @@ def test_bad_inputs_say_what_to_do(tmp_path, capsys):
     assert main(["embed", "--data", "no-such-set", "--out", str(tmp_path / "x.npz")]) == 2
     assert "neither a packaged data set" in capsys.readouterr().err
     assert main(["embed", "--data", str(table), "--text-column", "body", "--label-column", "topic", "--out", str(tmp_path / "x.npy")]) == 2
-    assert "give a path ending in .npz" in capsys.readouterr().err
+    assert "give a path ending in .npz, or a folder" in capsys.readouterr().err
     assert not (tmp_path / "x.npy").exists()
+
+
+def test_a_folder_out_gets_shards_that_train_reads_as_one_array(tmp_path, capsys):
+    from csrv2.data import ShardedArray
+
+    args = ["embed", "--data", "bbc-news", "--split", "test", "--max-rows", "6", "--max-seq-length", "32", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "one.npz")]) == 0
+    assert main([*args, "--out", str(tmp_path / "shards")]) == 0
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["embeddings-00000.npy", "labels-00000.npy"]
+    assert main([*args, "--out", str(tmp_path / "shards")]) == 2 and "already holds shards" in capsys.readouterr().err
+    # a second shard, as a second rank writes it: the folder reads as the rows of both, in shard order
+    whole = np.load(tmp_path / "one.npz")
+    np.save(tmp_path / "shards" / "embeddings-00001.npy", whole["embeddings"][:2])
+    np.save(tmp_path / "shards" / "labels-00001.npy", whole["labels"][:2])
+    data = load_training_data(tmp_path / "shards")
+    assert isinstance(data.embeddings, ShardedArray) and data.embeddings.shape == (8, 384)
+    expected = np.concatenate([whole["embeddings"], whole["embeddings"][:2]])
+    rows = np.array([7, 0, 5, 6])
+    np.testing.assert_array_equal(data.embeddings[rows], expected[rows])
+    np.testing.assert_array_equal(data.embeddings[2:8], expected[2:8])
+    assert len(data.labels) == 8
+    (tmp_path / "shards" / "labels-00001.npy").unlink()
+    with pytest.raises(ValueError, match="labels-00001.npy is missing"):
+        load_training_data(tmp_path / "shards")

@@ -131,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     embed.add_argument("--data", required=True, metavar="NAME|FILE", help=f"a packaged data set ({', '.join(DATASET_NAMES)}) or a file")
-    embed.add_argument("--out", required=True, metavar="E.npz", help="output file, written atomically")
+    embed.add_argument("--out", required=True, metavar="E.npz|DIR", help="a .npz file, or a folder of .npy shards (one per rank under torchrun); written atomically")
+    embed.add_argument("--overwrite", action="store_true", help="replace the shards a folder --out already holds")
     embed.add_argument("--split", choices=("train", "test"), default="train", help="split of a packaged data set")
     _add_source_options(embed)
     embed.add_argument("--model", default=None, help="sentence-transformers folder or hub name (default: the packaged all-MiniLM-L6-v2)")
@@ -339,15 +340,39 @@ def run_search(args: argparse.Namespace) -> None:
 
 
 def run_embed(args: argparse.Namespace) -> None:
-    from .embedding import embed_source, npz_path, save_arrays
+    from . import distributed
+    from .config import resolve_device
+    from .embedding import embed_source, save_arrays, save_shard
 
-    npz_path(args.out)
+    out = Path(args.out)
+    if out.suffix not in ("", ".npz") and not out.is_dir():
+        raise ValueError(f"{out}: give a path ending in .npz, or a folder (a name without a suffix) for .npy shards")
+    device = distributed.init(resolve_device(args.device))  # under torchrun: one shard per rank
+    if out.suffix == ".npz" and distributed.world_size() > 1:
+        raise ValueError(f"{out}: under torchrun every rank writes a shard; pass a folder as --out")
+    if out.suffix != ".npz":
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"{out}: exists and is not a folder; pass a .npz file or a folder for shards")
+        if out.is_dir() and any(out.glob("*-[0-9]*.npy")) and not args.overwrite:
+            raise ValueError(f"{out}: already holds shards; pass --overwrite to replace them or choose another folder")
+        distributed.barrier()  # every rank has looked before rank 0 clears the folder
+        if distributed.is_main():
+            for old in out.glob("*-[0-9]*.npy"):
+                old.unlink()
+        distributed.barrier()
     arrays = embed_source(
         args.data, split=args.split, seed=args.seed, model=args.model, max_seq_length=args.max_seq_length, image_size=args.image_size,
-        batch_size=args.batch_size, device=args.device, cache_dir=args.cache_dir, progress=not args.no_progress, **_source(args),
+        batch_size=args.batch_size, device=str(device), cache_dir=args.cache_dir, progress=not args.no_progress and distributed.is_main(),
+        part=(distributed.rank(), distributed.world_size()), **_source(args),
     )
-    save_arrays(arrays, args.out)
-    print(f"wrote {args.out}: " + ", ".join(f"{name} {a.shape}" for name, a in arrays.items()))
+    if out.suffix == ".npz":
+        save_arrays(arrays, out)
+    else:
+        save_shard(arrays, out, distributed.rank())
+    distributed.barrier()
+    if distributed.is_main():
+        shards = f" ({distributed.world_size()} shards)" if out.suffix != ".npz" else ""
+        print(f"wrote {out}{shards}: " + ", ".join(f"{name} {a.shape}" for name, a in arrays.items()) + (" from rank 0" if shards else ""))
 
 
 def run_export(args: argparse.Namespace) -> None:

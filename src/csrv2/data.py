@@ -1,8 +1,11 @@
 """Training data: dense embeddings (in memory or memory-mapped) with optional labels or paired documents.
 
-Files are NumPy: `.npy` (memory-mapped, so data larger than RAM streams from disk) or `.npz`
+Files are NumPy: `.npy` (memory-mapped, so data larger than RAM streams from disk), `.npz`
 (loaded into memory) whose arrays are named `embeddings` and optionally `labels`, or `queries` and
-`documents` for query/document pairs. Every check runs before any training starts.
+`documents` for query/document pairs, or a folder of `.npy` shards with those names
+(`embeddings-00000.npy`, `labels-00000.npy`, ...; `csrv2 embed --out FOLDER` writes one, a shard per
+rank under torchrun), read as one memory-mapped array in shard order. Every check runs before any
+training starts.
 """
 
 from __future__ import annotations
@@ -56,6 +59,32 @@ class TrainingData:
         return self.embeddings.shape[1]
 
 
+class ShardedArray:
+    """Row-wise concatenation of (n_i, d) memory-mapped shards, never copied whole: rows are read from
+    the shards that hold them. Supports len, shape, dtype, ndim and indexing by a slice or an index array."""
+
+    def __init__(self, shards: list[np.ndarray]):
+        dims = {(s.shape[1:], s.dtype) for s in shards}
+        if len(dims) != 1:
+            raise InputError(f"shards have shapes/dtypes {sorted(str(d) for d in dims)}; every shard needs the same dims and dtype")
+        self.shards = shards
+        self.offsets = np.cumsum([0] + [len(s) for s in shards])  # (n_shards + 1,)
+        self.shape = (int(self.offsets[-1]), *shards[0].shape[1:])
+        self.dtype, self.ndim = shards[0].dtype, len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows) -> np.ndarray:
+        rows = np.arange(len(self))[rows] if isinstance(rows, slice) else np.asarray(rows)
+        which = np.searchsorted(self.offsets, rows, side="right") - 1  # the shard of each row
+        out = np.empty((len(rows), *self.shape[1:]), dtype=self.dtype)
+        for shard in np.unique(which):
+            mask = which == shard
+            out[mask] = self.shards[shard][rows[mask] - self.offsets[shard]]
+        return out
+
+
 def check_embeddings(x: np.ndarray, name: str, chunk_rows: int = 65536) -> None:
     """Raise `InputError` unless x is a non-empty (n, d) float array of finite values.
 
@@ -88,9 +117,12 @@ def load_training_data(
     labels: str | os.PathLike | None = None,
     documents: str | os.PathLike | None = None,
 ) -> TrainingData:
-    """Read the files of `csrv2 train`. An `.npz` may carry labels or documents itself."""
+    """Read the files of `csrv2 train`. An `.npz` or a folder of shards may carry labels or documents itself."""
     path = Path(embeddings)
-    if path.suffix == ".npz":
+    if path.is_dir():
+        arrays = read_shards(path)
+        x, y, docs = arrays.get("queries", arrays.get("embeddings")), arrays.get("labels"), arrays.get("documents")
+    elif path.suffix == ".npz":
         arrays = _load(path, ("embeddings", "labels", "queries", "documents"), optional=True)
         if "queries" in arrays and "documents" in arrays:
             x, y, docs = arrays["queries"], None, arrays["documents"]
@@ -105,6 +137,35 @@ def load_training_data(
     if documents is not None:
         docs = load_array(documents, "documents")
     return TrainingData(x, None if y is None else class_ids(y), docs)
+
+
+SHARD_NAMES = ("embeddings", "labels", "queries", "documents")
+
+
+def read_shards(folder: Path) -> dict[str, ShardedArray | np.ndarray]:
+    """The arrays of a folder of shards: NAME-NNNNN.npy for NAME in embeddings, labels, queries, documents;
+    every name present must have a shard for each index. Labels are read into memory, the rest memory-mapped."""
+    found = {name: sorted(folder.glob(f"{name}-*.npy")) for name in SHARD_NAMES}
+    found = {name: files for name, files in found.items() if files}
+    main = "queries" if "queries" in found else "embeddings"
+    if main not in found or ("queries" in found) != ("documents" in found) or ("labels" in found and main == "queries"):
+        raise InputError(f"{folder}: holds shards of {sorted(found) or 'nothing'}; a shard folder holds embeddings-*.npy "
+                         "(+ labels-*.npy), or queries-*.npy and documents-*.npy")
+    suffixes = [f.name[len(main):] for f in found[main]]
+    for name, files in found.items():
+        missing = sorted(set(suffixes) - {f.name[len(name):] for f in files})
+        extra = sorted({f.name[len(name):] for f in files} - set(suffixes))
+        if missing or extra:
+            what = f"{name}{missing[0]} is missing" if missing else f"{name}{extra[0]} has no {main}{extra[0]}"
+            raise InputError(f"{folder}: {what}; every shard needs all of {', '.join(found)}, with the same numbers")
+    arrays = {name: ShardedArray([_load(f, (name,))[name] for f in files]) for name, files in found.items() if name != "labels"}
+    if "labels" in found:
+        parts = [np.asarray(_load(f, ("labels",))["labels"]) for f in found["labels"]]
+        arrays["labels"] = np.concatenate(parts)
+        sizes = [len(part) for part in parts]
+        if sizes != [len(s) for s in arrays[main].shards]:
+            raise InputError(f"{folder}: label shards have {sizes} rows but {main} shards {[len(s) for s in arrays[main].shards]}; write them together")
+    return arrays
 
 
 def class_ids(labels: np.ndarray) -> np.ndarray:

@@ -1,7 +1,8 @@
 """`csrv2 embed`: a packaged data set or a user file -> arrays ready for `csrv2 train`, through the cache.
 
 The arrays are named as `csrv2 train --embeddings X.npz` reads them: `embeddings` (+ `labels`), or
-`queries` and `documents` for pairs.
+`queries` and `documents` for pairs; into one `.npz`, or as `.npy` shards into a folder (NAME-NNNNN.npy),
+one per rank under torchrun, each rank embedding its contiguous part of the rows.
 """
 
 from __future__ import annotations
@@ -78,11 +79,16 @@ def embed_source(
     device: str = "cpu",
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    part: tuple[int, int] = (0, 1),
     **read,
 ) -> dict[str, np.ndarray]:
     """Embed what `read_source(source, **read)` holds, through the cache; returns the named arrays of a
-    training file: embeddings (+ labels), or queries and documents."""
+    training file: embeddings (+ labels), or queries and documents. part = (i, parts): only the i-th of
+    `parts` contiguous slices of the rows (a rank's shard)."""
     items = read_source(source, **read)
+    n = len(next(iter(items.values())))
+    rows = slice(n * part[0] // part[1], n * (part[0] + 1) // part[1])
+    items = {name: values[rows] for name, values in items.items()}
     backbone = (ImageBackbone(image_size, device=device) if "images" in items
                 else TextBackbone(model, device=device, max_seq_length=max_seq_length, batch_size=batch_size))
     cache = EmbeddingCache(Path(cache_dir) / "embeddings" if cache_dir else None)
@@ -103,6 +109,20 @@ def npz_path(path: str | os.PathLike) -> Path:
     return path
 
 
+def save_shard(arrays: dict[str, np.ndarray], folder: str | os.PathLike, index: int) -> list[Path]:
+    """Write each array as folder/NAME-{index:05d}.npy (to a temporary name, then renamed): one shard of a shard folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, array in arrays.items():
+        path = folder / f"{name}-{index:05d}.npy"
+        tmp = folder / f".{path.stem}.tmp.npy"
+        np.save(tmp, np.asarray(array))
+        os.replace(tmp, path)
+        paths.append(path)
+    return paths
+
+
 def save_arrays(arrays: dict[str, np.ndarray], path: str | os.PathLike) -> Path:
     """Write the arrays as one .npz, to a temporary name and then renamed over `path`."""
     path = npz_path(path)
@@ -112,4 +132,4 @@ def save_arrays(arrays: dict[str, np.ndarray], path: str | os.PathLike) -> Path:
     return path
 
 
-__all__ = ["SPLITS", "embed_source", "npz_path", "read_source", "save_arrays", "texts_of"]
+__all__ = ["SPLITS", "embed_source", "npz_path", "read_source", "save_arrays", "save_shard", "texts_of"]
