@@ -104,3 +104,29 @@ def test_embed_under_torchrun_writes_a_shard_per_rank(tmp_path, monkeypatch):
     assert [len(s) for s in sharded.embeddings.shards] == [3, 4]  # contiguous parts, in rank order
     np.testing.assert_allclose(sharded.embeddings[np.arange(7)], whole.embeddings, atol=1e-5)
     np.testing.assert_array_equal(sharded.labels, whole.labels)
+
+
+def test_a_one_process_checkpoint_resumes_on_two_ranks(data, monkeypatch):
+    from csrv2.cli import main
+    from csrv2.trainer import Trainer
+
+    real_step = Trainer.train_step
+
+    def crash_at_step_5(self, x, labels, k):
+        if self.step == 5:
+            raise KeyboardInterrupt
+        return real_step(self, x, labels, k)
+
+    monkeypatch.chdir(data)
+    monkeypatch.setattr(Trainer, "train_step", crash_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        main(["train", "--embeddings", "train.npz", "--k", "4", "--hidden-dim", "192", "--epochs", "2", "--batch-size", "128",
+              "--log-every", "1", "--dead-threshold", "1", "--device", "cpu", "--no-progress", "--out", "moved", "--checkpoint-every", "2"])
+    assert (data / "moved" / "checkpoints" / "step-000000004").is_dir()
+    resumed = _train(data, "moved", 2, 128, "--checkpoint-every", "2", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    whole = _train(data, "whole", 1, 128, "--checkpoint-every", "2")
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    wa, wb = load_file(str(data / "whole" / "model.safetensors")), load_file(str(data / "moved" / "model.safetensors"))
+    for name in wa:
+        torch.testing.assert_close(wb[name], wa[name], atol=1e-5, rtol=0)
