@@ -18,7 +18,7 @@ from csrv2.baselines import (
 from csrv2.config import TrainConfig
 from csrv2.data import TrainingData
 from csrv2.errors import InputError
-from csrv2.losses import pairs_contrastive_loss, supervised_contrastive_loss
+from csrv2.losses import pairs_contrastive_loss, self_contrastive_loss, supervised_contrastive_loss
 
 
 def test_truncate_keeps_leading_dims():
@@ -45,6 +45,8 @@ def test_matryoshka_loss_is_the_mean_over_prefixes():
     q, d = z.chunk(2)
     expected = (pairs_contrastive_loss(q[:, :2], d[:, :2], 0.2) + pairs_contrastive_loss(q, d, 0.2)) / 2
     torch.testing.assert_close(matryoshka_loss(z, (2, 4), "pairs", None, 0.2), expected)
+    expected = (self_contrastive_loss(z[:, :2], 0.2) + self_contrastive_loss(z, 0.2)) / 2
+    torch.testing.assert_close(matryoshka_loss(z, (2, 4), "self", None, 0.2), expected)
 
 
 def _clusters(n=256, d=16, classes=4, seed=0):

@@ -17,13 +17,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from . import distributed as dist
 from .config import TrainConfig, resolve_device
 from .data import TrainingData
 from .errors import InputError
-from .losses import pairs_contrastive_loss, self_contrastive_loss, supervised_contrastive_loss
+from .losses import pairs_contrastive_from_logits, supervised_contrastive_from_logits
 from .model import write_json
 from .trainer import batch_embeddings, contrastive_mode, epoch_order
 
@@ -70,16 +72,21 @@ def principal_directions(x: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]
 
 
 def matryoshka_loss(z: torch.Tensor, dims: tuple[int, ...], mode: str, labels: torch.Tensor | None, temperature: float) -> torch.Tensor:
-    """Mean over m in dims of the contrastive loss on z[:, :m]. z: (batch, max(dims)), or (2 batch, .) for pairs."""
+    """Mean over m in dims of the contrastive loss on z[:, :m]. z: (batch, max(dims)), or (2 batch, .) for pairs.
+
+    Across processes (distributed.py) each rank's rows meet the prefixes of the whole global batch.
+    """
     losses = []
     for m in dims:
-        prefix = z[:, :m]
+        prefix = F.normalize(z[:, :m], dim=-1)
+        queries, columns = prefix.chunk(2) if mode == "pairs" else (prefix, prefix)
+        n, offset = len(queries), dist.rank() * len(queries)
+        logits = queries @ dist.gather(columns).T / temperature  # (n, world x n)
         if mode == "pairs":
-            losses.append(pairs_contrastive_loss(*prefix.chunk(2), temperature))
-        elif mode == "supervised":
-            losses.append(supervised_contrastive_loss(prefix, labels, temperature))
+            losses.append(pairs_contrastive_from_logits(logits, offset))
         else:
-            losses.append(self_contrastive_loss(prefix, temperature))
+            rows = labels if mode == "supervised" else torch.arange(n, device=z.device) + offset
+            losses.append(supervised_contrastive_from_logits(logits, rows, dist.gather_labels(rows), offset))
     return torch.stack(losses).mean()
 
 

@@ -53,17 +53,36 @@ def is_main() -> bool:
 
 
 def shard(rows: np.ndarray) -> np.ndarray:
-    """This rank's part of a global batch: rows[rank::world] (all of it in one process)."""
-    return rows[rank() :: world_size()]
+    """This rank's part of a global batch: rows[rank::world] (all of it in one process).
+
+    Ranks must hold equal parts (all-gather needs equal sizes, and DDP's average of per-rank means is the
+    global mean only then), so a batch that does not split evenly, an epoch's last, loses its last
+    len(rows) % world rows; the next epoch's order differs, so other rows are left out then.
+    """
+    world = world_size()
+    return rows[: len(rows) - len(rows) % world][rank() :: world]
+
+
+class _Gather(torch.autograd.Function):
+    """All-gather whose backward hands each rank the gradient of its part summed over every rank's loss."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        out = x.new_empty((world_size() * x.shape[0], *x.shape[1:]))
+        # all_gather_single replaces all_gather_into_tensor in newer torch
+        (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(out, x.contiguous())
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # an all-reduce, not a reduce-scatter, which gloo lacks
+        return grad.chunk(world_size())[rank()]
 
 
 def gather(x: torch.Tensor) -> torch.Tensor:
     """(n, ...) on each rank -> (world x n, ...) in rank order, on every rank; gradients flow back to each rank's part."""
-    if not active():
-        return x
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x))
+    return _Gather.apply(x) if active() else x
 
 
 def gather_labels(x: torch.Tensor) -> torch.Tensor:

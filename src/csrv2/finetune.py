@@ -25,6 +25,7 @@ Every model folder has csrv2.json with the settings of the run; `read_image_mode
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -40,6 +41,7 @@ from safetensors.torch import load_model, save_model
 from tqdm.auto import tqdm
 
 from . import __version__
+from . import distributed as dist
 from .backbone import ImageBackbone, TextBackbone
 from .baselines import MRL_DIMS, matryoshka_loss
 from .config import HeadConfig, TrainConfig, resolve_device, resolve_k_init
@@ -99,11 +101,30 @@ def _add_lora(model, rank: int, alpha: float):
     return transformer.model
 
 
+class EndToEnd(torch.nn.Module):
+    """Backbone, head (None for the matryoshka objective) and objective as one module: what DistributedDataParallel wraps."""
+
+    def __init__(self, backbone: TextBackbone | ImageBackbone, head: SparseHead | None, cfg: TrainConfig, ft: FinetuneConfig, mode: str):
+        super().__init__()
+        self.model, self.head = backbone.model, head
+        self.backbone, self.cfg, self.ft, self.mode = backbone, cfg, ft, mode
+
+    def forward(self, batch, k: int | None, dead: torch.Tensor | None, labels: torch.Tensor | None):
+        """batch: texts (queries then documents for pairs) or images -> (loss, fired latents or None)."""
+        x = self.backbone.forward(batch).float()  # (n, d), or (2n, d)
+        if self.head is None:
+            return matryoshka_loss(x, self.ft.mrl_dims, self.mode, labels, self.cfg.temperature), None
+        losses, fired = step_losses(self.head, x, k, dead, self.cfg, self.mode, labels)
+        return losses["loss"], fired
+
+
 class Finetuner:
     """Trains a backbone (and a sparse head for the csrv2 objective) end to end; owns the loop, checkpoints and the final folder.
 
     items: n texts or (n, H, W[, 3]) images; labels: (n,) for the supervised loss; documents: n texts
-    paired with `items` as queries, for the pairs loss.
+    paired with `items` as queries, for the pairs loss. Under torchrun each rank takes its shard of every
+    global batch and DDP averages the gradients (distributed.py); only rank 0 logs and writes files.
+    BatchNorm statistics (images) stay per rank.
     """
 
     def __init__(
@@ -138,11 +159,15 @@ class Finetuner:
         self.out = None if out is None else Path(out)
         if self.out is not None and self.out.exists() and not (resume or overwrite):  # before hours of training
             raise InputError(f"{out}: already exists; choose another folder, pass --overwrite, or --resume a run")
-        self.backbone, self.items, self.documents, self.resume, self.progress = backbone, items, documents, resume, progress
+        self.backbone, self.items, self.documents, self.resume, self.progress = backbone, items, documents, resume, progress and dist.is_main()
         self.mode = "supervised" if labels is not None else "pairs" if documents is not None else "self"
         self.labels = None if labels is None else torch.from_numpy(class_ids(np.asarray(labels)))
 
-        self.device = resolve_device(self.cfg.device)
+        self.device = dist.init(resolve_device(self.cfg.device))
+        if self.cfg.batch_size % dist.world_size():
+            raise InputError(f"batch_size {self.cfg.batch_size} does not split evenly over {dist.world_size()} processes; "
+                             f"pass a multiple of {dist.world_size()}")
+        dist.same_everywhere((len(items), self.mode), "data (items, contrastive form)")
         self.model = backbone.model.to(self.device)
         self.peft = _add_lora(self.model, self.ft.lora_rank, self.ft.lora_alpha) if self.ft.lora_rank else None
         self.head = None
@@ -155,6 +180,11 @@ class Finetuner:
             self.counters = torch.zeros(self.head_config.hidden_dim, dtype=torch.long, device=self.device)
         elif max(self.ft.mrl_dims) > backbone.dim:
             raise InputError(f"mrl_dims go up to {max(self.ft.mrl_dims)} but the backbone makes {backbone.dim}-d embeddings; pass smaller dims")
+        objective = EndToEnd(backbone, self.head, self.cfg, self.ft, self.mode)
+        cuda = self.device.type == "cuda"
+        # find_unused_parameters: a backbone may hold weights its embedding does not use (BERT's pooler)
+        self.objective = torch.nn.parallel.DistributedDataParallel(objective, [self.device] if cuda else None, find_unused_parameters=True) \
+            if dist.active() else objective
         self.optimizer = torch.optim.Adam(groups, eps=self.cfg.adam_eps)
         self.per_step = self.cfg.batch_size * self.ft.grad_accum
         self.steps_per_epoch = math.ceil(len(items) / self.per_step)
@@ -179,11 +209,11 @@ class Finetuner:
             if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
                 record = self._log(loss, k, epoch)
                 bar.set_postfix(loss=f"{record['loss']:.4g}", **({} if k is None else {"k": k, "dead": f"{record['dead_pct']:.1f}%"}))
-            if self.out is not None and self.step < self.total_steps and self.step % (self.cfg.checkpoint_every or self.steps_per_epoch) == 0:
+            if self.out is not None and dist.is_main() and self.step < self.total_steps and self.step % (self.cfg.checkpoint_every or self.steps_per_epoch) == 0:
                 self._checkpoint()
         bar.close()
         trained = self._trained_backbone()
-        if self.out is not None:
+        if self.out is not None and dist.is_main():
             self._write_model(trained)
         return trained, self.head
 
@@ -197,38 +227,42 @@ class Finetuner:
         return k_at_step(self.step, self.total_steps, self.k_init, self.head_config.k, self.cfg.decay_ratio)
 
     def train_step(self, rows: np.ndarray, k: int | None) -> float:
-        """One optimizer step over `rows` (in grad_accum micro-batches); returns the step's mean loss."""
+        """One optimizer step over the global batch `rows` (in grad_accum micro-batches, each sharded over
+        the ranks); returns the step's mean loss."""
         dead = None if self.head is None else self.counters > self.head_config.dead_threshold
         fired = None if self.head is None else torch.zeros_like(dead)
         self.optimizer.zero_grad(set_to_none=True)
-        total = 0.0
-        for micro in np.array_split(rows, math.ceil(len(rows) / self.cfg.batch_size)):
-            labels = None if self.labels is None else self.labels[micro].to(self.device)
-            with self.autocast:
-                x = self._embed(micro).float()  # (n, d), or (2n, d): queries then documents
-                if self.head is None:
-                    loss = matryoshka_loss(x, self.ft.mrl_dims, self.mode, labels, self.cfg.temperature)
-                else:
-                    losses, fired_now = step_losses(self.head, x, k, dead, self.cfg, self.mode, labels)
-                    loss, fired = losses["loss"], fired | fired_now
-            (loss * len(micro) / len(rows)).backward()  # the mean over the whole step's items
-            total += float(loss.detach()) * len(micro) / len(rows)
+        rows = rows[: len(rows) - len(rows) % dist.world_size()]  # equal shards (distributed.shard)
+        micros = np.array_split(rows, math.ceil(len(rows) / self.cfg.batch_size))
+        total = torch.zeros((), device=self.device)
+        for i, micro in enumerate(micros):
+            local = dist.shard(micro)
+            labels = None if self.labels is None else self.labels[local].to(self.device)
+            # DDP averages the gradients once, after the last micro-batch's backward
+            accumulate = self.objective.no_sync() if dist.active() and i < len(micros) - 1 else contextlib.nullcontext()
+            with accumulate:
+                with self.autocast:
+                    loss, fired_now = self.objective(self._batch(local), k, dead, labels)
+                (loss * len(micro) / len(rows)).backward()  # the mean over the whole step's items
+            total += loss.detach() * len(micro) / len(rows)
+            if fired_now is not None:
+                fired |= fired_now
         self.optimizer.step()
         if self.head is not None:
             self.counters = update_dead_counters(self.counters, fired)
-        return total
+        return float(dist.sum_over_ranks(total)) / dist.world_size()
 
     # --- named steps ---------------------------------------------------------------------------
-    def _embed(self, rows: np.ndarray) -> torch.Tensor:
+    def _batch(self, rows: np.ndarray):
+        """The items of `rows`: images, or texts (queries then their documents for pairs)."""
         if not self.text:
-            return self.backbone.forward(self.items[rows])
-        batch = [self.items[i] for i in rows] + ([self.documents[i] for i in rows] if self.mode == "pairs" else [])
-        return self.backbone.forward(batch)
+            return self.items[rows]
+        return [self.items[i] for i in rows] + ([self.documents[i] for i in rows] if self.mode == "pairs" else [])
 
     def _settings(self) -> dict:
         settings = {"csrv2_version": __version__, "train": self.cfg.to_dict(), "finetune": dataclasses.asdict(self.ft),
                     "backbone": self.backbone.name, "contrastive": self.mode, "samples": len(self.items),
-                    "total_steps": self.total_steps, "step": self.step}
+                    "total_steps": self.total_steps, "step": self.step, "world_size": dist.world_size()}
         if self.head is not None:
             settings |= {"head": self.head_config.to_dict(), "k_init": self.k_init}
         if not self.text:
@@ -240,9 +274,11 @@ class Finetuner:
             return
         if self.resume:
             self._restore()
-        elif self.out.exists():  # overwrite: start over
+        elif self.out.exists() and dist.is_main():  # overwrite: start over
             shutil.rmtree(self.out)
-        self.out.mkdir(parents=True, exist_ok=True)
+        if dist.is_main():
+            self.out.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
 
     def _restore(self) -> None:
         """Load the newest checkpoint; the settings it was written with must be this run's."""
@@ -262,13 +298,14 @@ class Finetuner:
         if self.head is not None:
             self.counters = state["counters"].to(self.device)
         torch.set_rng_state(state["rng"].cpu())
-        truncate_log(self.out / LOG_FILE, self.step)
+        if dist.is_main():
+            truncate_log(self.out / LOG_FILE, self.step)
 
     def _log(self, loss: float, k: int | None, epoch: int) -> dict:
         record = {"step": self.step, "epoch": epoch, "loss": loss}
         if self.head is not None:
             record |= {"k": k, "dead_pct": 100.0 * self.dead_fraction()}
-        if self.out is not None:
+        if self.out is not None and dist.is_main():
             with open(self.out / LOG_FILE, "a") as f:
                 f.write(json.dumps(record) + "\n")
         return record
