@@ -21,6 +21,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .errors import InputError
+
 
 def init(device: torch.device) -> torch.device:
     """Join the process group torchrun describes (gloo on CPU, nccl on CUDA) and return this rank's device.
@@ -50,6 +52,21 @@ def world_size() -> int:
 
 def is_main() -> bool:
     return rank() == 0
+
+
+def check_batch(batch_size: int) -> None:
+    """Raise on every rank unless the global batch splits evenly over the ranks."""
+    if batch_size % world_size():
+        raise InputError(f"batch_size {batch_size} does not split evenly over {world_size()} processes; pass a multiple of {world_size()}")
+
+
+def wrap(module: torch.nn.Module, device: torch.device, find_unused_parameters: bool = False) -> torch.nn.Module:
+    """The module in DistributedDataParallel across processes (which averages its gradients), else itself."""
+    if not active():
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(module, [device] if device.type == "cuda" else None, find_unused_parameters=find_unused_parameters)
 
 
 def shard(rows: np.ndarray) -> np.ndarray:
@@ -133,5 +150,5 @@ def close() -> None:
         dist.destroy_process_group()
 
 
-__all__ = ["active", "any_rank", "barrier", "close", "gather", "gather_labels", "init", "is_main", "rank", "same_everywhere", "shard",
-           "sum_over_ranks", "world_size"]
+__all__ = ["active", "any_rank", "barrier", "check_batch", "close", "gather", "gather_labels", "init", "is_main", "rank", "same_everywhere", "shard",
+           "sum_over_ranks", "world_size", "wrap"]

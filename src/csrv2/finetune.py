@@ -164,9 +164,7 @@ class Finetuner:
         self.labels = None if labels is None else torch.from_numpy(class_ids(np.asarray(labels)))
 
         self.device = dist.init(resolve_device(self.cfg.device))
-        if self.cfg.batch_size % dist.world_size():
-            raise InputError(f"batch_size {self.cfg.batch_size} does not split evenly over {dist.world_size()} processes; "
-                             f"pass a multiple of {dist.world_size()}")
+        dist.check_batch(self.cfg.batch_size)
         dist.same_everywhere((len(items), self.mode), "data (items, contrastive form)")
         self.model = backbone.model.to(self.device)
         self.peft = _add_lora(self.model, self.ft.lora_rank, self.ft.lora_alpha) if self.ft.lora_rank else None
@@ -180,11 +178,8 @@ class Finetuner:
             self.counters = torch.zeros(self.head_config.hidden_dim, dtype=torch.long, device=self.device)
         elif max(self.ft.mrl_dims) > backbone.dim:
             raise InputError(f"mrl_dims go up to {max(self.ft.mrl_dims)} but the backbone makes {backbone.dim}-d embeddings; pass smaller dims")
-        objective = EndToEnd(backbone, self.head, self.cfg, self.ft, self.mode)
-        cuda = self.device.type == "cuda"
         # find_unused_parameters: a backbone may hold weights its embedding does not use (BERT's pooler)
-        self.objective = torch.nn.parallel.DistributedDataParallel(objective, [self.device] if cuda else None, find_unused_parameters=True) \
-            if dist.active() else objective
+        self.objective = dist.wrap(EndToEnd(backbone, self.head, self.cfg, self.ft, self.mode), self.device, find_unused_parameters=True)
         self.optimizer = torch.optim.Adam(groups, eps=self.cfg.adam_eps)
         self.per_step = self.cfg.batch_size * self.ft.grad_accum
         self.steps_per_epoch = math.ceil(len(items) / self.per_step)

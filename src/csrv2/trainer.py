@@ -203,16 +203,12 @@ class Trainer:
         self.out = Path(out) if out is not None else None
         self.resume, self.overwrite, self.progress = resume, overwrite, progress and dist.is_main()
         self.device = dist.init(resolve_device(train_config.device))
-        if train_config.batch_size % dist.world_size():
-            raise InputError(f"batch_size {train_config.batch_size} does not split evenly over {dist.world_size()} processes; "
-                             f"pass a multiple of {dist.world_size()}")
+        dist.check_batch(train_config.batch_size)
         dist.same_everywhere((len(data), data.dim, self.mode), "data (rows, dims, contrastive form)")
 
         generator = torch.Generator().manual_seed(train_config.seed)
         self.head = SparseHead(head_config, generator).to(self.device)
-        objective = Objective(self.head, train_config, self.mode)
-        cuda = self.device.type == "cuda"
-        self.objective = torch.nn.parallel.DistributedDataParallel(objective, [self.device] if cuda else None) if dist.active() else objective
+        self.objective = dist.wrap(Objective(self.head, train_config, self.mode), self.device)
         # The fused kernel does Adam's elementwise update in one pass (about 3x faster here on CPU).
         fused = self.device.type in ("cpu", "cuda")
         self.optimizer = torch.optim.Adam(self.head.parameters(), lr=train_config.lr, eps=train_config.adam_eps, fused=fused)
