@@ -170,3 +170,10 @@ def test_index_build_then_search(files, model, capsys):
                  "--hidden-dim", "32", "--epochs", "1", "--no-progress"]) == 0
     err = error_of(capsys, ["search", "--index", str(index_file), "--model", str(files / "wide"), "--queries", str(files / "e.npy")])
     assert "queries have dim 32 but the index has dim 64" in err
+
+
+@pytest.mark.parametrize("command", ["train", "encode", "index build", "search", "embed", "export", "finetune", "reproduce"])
+def test_every_command_prints_its_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([*command.split(), "--help"])
+    assert exit_.value.code == 0 and "--" in capsys.readouterr().out

@@ -113,3 +113,14 @@ def test_reproduce_runs_the_end_to_end_methods_on_request(tmp_path):
     linear = {(r["task"], r["size"]): r["score"] for r in rows if r["method"] == "csrv2-linear"}
     assert any(r["score"] != linear[r["task"], r["size"]] for r in full)
     assert reproduce(config, progress=False)["rows"] == rows  # a rerun reuses the models and rows
+
+
+def test_reproduce_can_start_the_full_method_from_the_linear_head(tmp_path):
+    config = SuiteConfig(tasks=("bbc-news",), methods=("csrv2-full",), k=(2,), finetune_init="linear", max_train=24, max_test=12,
+                         epochs=1, finetune_epochs=1, finetune_batch_size=12, max_seq_length=16, out=str(tmp_path / "run"),
+                         cache_dir=str(tmp_path / "cache"), device="cpu")
+    rows = reproduce(config, progress=False)["rows"]
+    assert [(r["method"], r["size"]) for r in rows] == [("csrv2-full", 2)]
+    assert len(list((tmp_path / "run" / "heads" / "bbc-news").glob("csrv2-linear-k2-*"))) == 1  # trained first, on the frozen embeddings
+    (model,) = (tmp_path / "run" / "models" / "bbc-news").iterdir()
+    assert json.loads((model / "csrv2.json").read_text())["started_from_head"] is True

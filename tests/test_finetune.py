@@ -182,3 +182,16 @@ def test_image_bad_inputs(digits, tmp_path):
         finetune_images(ImageBackbone(image_size=32), digits.train_images[:, :, :, None], digits.train_labels, progress=False)
     with pytest.raises(InputError, match="not an image model folder"):
         read_image_model(tmp_path)
+
+
+def test_training_can_start_from_a_trained_head(tmp_path):
+    backbone = TextBackbone(max_seq_length=16)
+    x = backbone.embed(TEXTS, progress=False)
+    linear = csrv2.train(x, LABELS, k=2, hidden_dim=64, epochs=3, batch_size=2, device="cpu", progress=False)
+    trained, head = finetune_text(TextBackbone(max_seq_length=16), TEXTS, LABELS, train=_cfg(epochs=1, log_every=1),
+                                  finetune=FinetuneConfig(backbone_lr=1e-4), out=tmp_path / "warm", progress=False, head=linear)
+    assert head.config == linear.config and not torch.equal(head.weight, linear.weight)  # started there, then trained
+    log = [json.loads(line) for line in (tmp_path / "warm" / "train_log.jsonl").read_text().splitlines()]
+    assert {r["k"] for r in log} == {2}  # the head was annealed already
+    with pytest.raises(InputError, match="starting head needs"):
+        finetune_text(TextBackbone(max_seq_length=16), TEXTS, LABELS, head=csrv2.SparseHead(csrv2.HeadConfig(8, 16, 2)), progress=False)

@@ -33,7 +33,7 @@ def _add_dataclass_options(parser: argparse.ArgumentParser, cls, names=None, cho
         if names is not None and f.name not in names:
             continue
         flag = "--" + f.name.replace("_", "-")
-        help_text = docs.get(f.name, "") + ("" if f.default is None else f" (default: {f.default})")
+        help_text = (docs.get(f.name, "") + ("" if f.default is None else f" (default: {f.default})")).replace("%", "%%")  # argparse formats help
         if f.type in (bool, "bool"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif str(f.type).startswith("Literal["):  # one of named values

@@ -142,7 +142,10 @@ class Finetuner:
         resume: bool = False,
         overwrite: bool = False,
         progress: bool = True,
+        head: SparseHead | None = None,
     ) -> None:
+        """head: start from this trained head (e.g. CSRv2-linear's on the frozen embeddings; its k and
+        shape are kept, and k is not annealed again) instead of a random one."""
         self.cfg, self.ft = train or TrainConfig(), finetune or FinetuneConfig()
         self.text = isinstance(backbone, TextBackbone)
         if len(items) == 0:
@@ -168,13 +171,19 @@ class Finetuner:
         dist.same_everywhere((len(items), self.mode), "data (items, contrastive form)")
         self.model = backbone.model.to(self.device)
         self.peft = _add_lora(self.model, self.ft.lora_rank, self.ft.lora_alpha) if self.ft.lora_rank else None
-        self.head = None
+        self.head, self.started_from_head = None, head is not None
         groups = [{"params": [p for p in self.model.parameters() if p.requires_grad], "lr": self.ft.backbone_lr}]
+        if head is not None and (self.ft.objective != "csrv2" or head.config.input_dim != backbone.dim):
+            raise InputError(f"a starting head needs the csrv2 objective and {backbone.dim}-d inputs, got a {head.config.input_dim}-d head; "
+                             "pass a head trained on this backbone's embeddings")
         if self.ft.objective == "csrv2":
-            self.head_config = HeadConfig(backbone.dim, hidden_dim, k)
+            self.head_config = head.config if head is not None else HeadConfig(backbone.dim, hidden_dim, k)
             self.head = SparseHead(self.head_config, torch.Generator().manual_seed(self.cfg.seed)).to(self.device)
+            if head is not None:
+                self.head.load_state_dict(head.state_dict())
             groups.append({"params": list(self.head.parameters()), "lr": self.cfg.lr})
-            self.k_init = resolve_k_init(self.cfg.k_init, k, self.head_config.hidden_dim) if self.cfg.anneal else k
+            annealed = self.cfg.anneal and head is None
+            self.k_init = resolve_k_init(self.cfg.k_init, self.head_config.k, self.head_config.hidden_dim) if annealed else self.head_config.k
             self.counters = torch.zeros(self.head_config.hidden_dim, dtype=torch.long, device=self.device)
         elif max(self.ft.mrl_dims) > backbone.dim:
             raise InputError(f"mrl_dims go up to {max(self.ft.mrl_dims)} but the backbone makes {backbone.dim}-d embeddings; pass smaller dims")
@@ -259,7 +268,7 @@ class Finetuner:
                     "backbone": self.backbone.name, "contrastive": self.mode, "samples": len(self.items),
                     "total_steps": self.total_steps, "step": self.step, "world_size": dist.world_size()}
         if self.head is not None:
-            settings |= {"head": self.head_config.to_dict(), "k_init": self.k_init}
+            settings |= {"head": self.head_config.to_dict(), "k_init": self.k_init, "started_from_head": self.started_from_head}
         if not self.text:
             settings["image_size"] = self.backbone.image_size
         return settings
@@ -281,7 +290,8 @@ class Finetuner:
         if ckpt is None:
             raise InputError(f"{self.out}: has no checkpoint to resume from; start the run without --resume")
         saved, now = read_settings(ckpt), json.loads(json.dumps(self._settings()))  # tuples as JSON reads them
-        changed = [key for key in ("train", "finetune", "backbone", "contrastive", "samples", "head", "image_size") if saved.get(key) != now.get(key)]
+        keys = ("train", "finetune", "backbone", "contrastive", "samples", "head", "started_from_head", "image_size")
+        changed = [key for key in keys if saved.get(key) != now.get(key)]
         if changed:
             raise InputError(f"{ckpt}: was trained with other {', '.join(changed)}; resume with the same options and data")
         load_model(self.model, str(ckpt / BACKBONE_WEIGHTS))

@@ -27,6 +27,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -79,6 +80,8 @@ class SuiteConfig:
     """Latents of the sparse heads (0: 4 x the backbone dimension)."""
     finetune_k: tuple[int, ...] = (2,)
     """Non-zeros per code of csrv2-full: each k finetunes a backbone of its own (mrl-finetuned trains one for all of --k)."""
+    finetune_init: Literal["random", "linear"] = "random"
+    """Starting head of csrv2-full: random (k annealed from 64), or the csrv2-linear head of the same data and k (then k stays)."""
     finetune_epochs: int = 3
     """Training epochs of the end-to-end methods (csrv2-full, mrl-finetuned)."""
     finetune_batch_size: int = 32
@@ -221,7 +224,8 @@ class Suite:
             return None
         # One Matryoshka head (or backbone) serves every prefix, so it depends on the whole list of sizes; a sparse head on its k alone.
         size = sorted(self.cfg.k) if method.startswith("mrl-") else size
-        return _hash([self.hashes[training_set], method, size, self.budget_for(training_set, method), self.cfg.hidden_dim, __version__])
+        warm = [self.cfg.finetune_init] if method == "csrv2-full" and self.cfg.finetune_init != "random" else []
+        return _hash([self.hashes[training_set], method, size, self.budget_for(training_set, method), self.cfg.hidden_dim, __version__, *warm])
 
     def budget_for(self, training_set: str, method: str) -> dict:
         """The TrainConfig fields `method` trains with on `training_set` (plus backbone_lr for the end-to-end methods):
@@ -293,11 +297,14 @@ class Suite:
             TextBackbone(self.cfg.model or None, device=self.device, max_seq_length=self.cfg.max_seq_length)
         objective = "matryoshka" if method == "mrl-finetuned" else "csrv2"
         budget = {name: v for name, v in self.budget_for(training_set, method).items() if name != "backbone_lr"}
+        start_head = None
+        if method == "csrv2-full" and self.cfg.finetune_init == "linear":
+            start_head = load_head(self.trained_head(training_set, "csrv2-linear", size)[0])
         resume = folder.is_dir() and latest_checkpoint(folder) is not None  # an interrupted run goes on
         start = time.perf_counter()
         finetuner = Finetuner(backbone, items, labels, documents, k=size, hidden_dim=self.cfg.hidden_dim, train=TrainConfig(**budget),
                               finetune=FinetuneConfig(objective, self.cfg.backbone_lr, mrl_dims=tuple(sorted(self.cfg.k))),
-                              out=folder, resume=resume, overwrite=not resume, progress=self.progress)
+                              out=folder, resume=resume, overwrite=not resume, progress=self.progress, head=start_head)
         finetuner.fit()
         info = {"train_seconds": round(time.perf_counter() - start, 3), "train_steps": finetuner.total_steps}
         if finetuner.head is not None:
