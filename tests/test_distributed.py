@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -14,6 +15,12 @@ from safetensors.torch import load_file
 
 from csrv2 import distributed
 from csrv2.losses import residual_spread
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _torchrun(nproc: int, *args: str, cwd) -> subprocess.CompletedProcess:
@@ -165,15 +172,11 @@ def _finetune_rank(rank: int, world: int, port: int, out, objective: str) -> Non
 
 @pytest.mark.parametrize("objective", ["csrv2", "matryoshka"])
 def test_end_to_end_training_on_two_ranks_follows_one_process(tmp_path, objective, monkeypatch):
-    import socket
-
     import torch.multiprocessing as mp
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     _finetune(tmp_path / "one", objective)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     mp.spawn(_finetune_rank, args=(2, port, tmp_path / "two", objective), nprocs=2)
 
     def log(name):
@@ -189,3 +192,23 @@ def test_end_to_end_training_on_two_ranks_follows_one_process(tmp_path, objectiv
         a, b = load_file(str(path)), load_file(str(tmp_path / "two" / path.relative_to(tmp_path / "one")))
         diff = torch.cat([(b[name] - a[name]).abs().reshape(-1) for name in a])
         assert float((diff > 1e-5).float().mean()) < 1e-3 and float(diff.max()) <= 2 * 2 * 1e-3, path.name
+
+
+def _disagree_rank(rank: int, world: int, port: int, folder) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank))
+    distributed.init(torch.device("cpu"))
+    try:
+        distributed.same_everywhere(100 + rank, "data sizes")
+    except ValueError as e:
+        (folder / f"rank{rank}.txt").write_text(str(e))
+    finally:
+        distributed.close()
+
+
+def test_ranks_that_see_different_data_all_stop(tmp_path):
+    import torch.multiprocessing as mp
+
+    port = _free_port()
+    mp.spawn(_disagree_rank, args=(2, port, tmp_path), nprocs=2)
+    for rank in (0, 1):
+        assert (tmp_path / f"rank{rank}.txt").read_text().startswith("ranks see different data sizes: [100, 101]")
