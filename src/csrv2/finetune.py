@@ -321,13 +321,17 @@ class Finetuner:
             state["counters"] = self.counters.cpu()
 
         def fill(folder: Path) -> None:
-            save_model(self.model, str(folder / BACKBONE_WEIGHTS))
-            if self.head is not None:
-                write_head_files(self.head, folder)
+            self._write_weights(folder)
             write_json(folder / SETTINGS_FILE, self._settings())
             torch.save(state, folder / STATE_FILE)
 
         write_checkpoint(self.out, self.step, fill)
+
+    def _write_weights(self, folder: Path) -> None:
+        """backbone.safetensors, and the head's config.json and model.safetensors (csrv2 objective): a checkpoint's or an image model's."""
+        save_model(self.model, str(folder / BACKBONE_WEIGHTS))
+        if self.head is not None:
+            write_head_files(self.head, folder)
 
     def _trained_backbone(self) -> TextBackbone | ImageBackbone:
         """The backbone as trained, in eval mode, LoRA adapters merged into its weights."""
@@ -351,9 +355,7 @@ class Finetuner:
             elif self.text:
                 self.model.save(str(folder))
             else:
-                save_model(self.model, str(folder / BACKBONE_WEIGHTS))
-                if self.head is not None:
-                    write_head_files(self.head, folder)
+                self._write_weights(folder)
             write_json(folder / SETTINGS_FILE, settings)
             if (self.out / LOG_FILE).exists():
                 shutil.copyfile(self.out / LOG_FILE, folder / LOG_FILE)
