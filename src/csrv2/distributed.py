@@ -103,7 +103,7 @@ def gather(x: torch.Tensor) -> torch.Tensor:
 
 
 def gather_labels(x: torch.Tensor) -> torch.Tensor:
-    """As `gather`, for tensors without gradients (labels)."""
+    """As `gather`, for tensors without gradients (labels, code indices)."""
     if not active():
         return x
     parts = [torch.empty_like(x) for _ in range(world_size())]

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import HeadConfig, check_k
+from .losses import gather_pays
 
 
 class SparseHead(nn.Module):
@@ -90,13 +91,12 @@ class SparseHead(nn.Module):
     def decode_sums(self, codes: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
         """W^T z for several code sets at once: [(indices (batch, k_i), values (batch, k_i))] -> [(batch, input_dim)].
 
-        Few non-zeros (all sets together at most hidden_dim / 32 per row): one gather of rows of W
-        (embedding_bag), so the backward pass builds W's gradient once for all sets. More: the sets
-        are zero-filled and stacked into one (sets * batch, hidden_dim) x (hidden_dim, input_dim)
-        product, which on CPU beats gathering beyond about that many rows.
+        Few non-zeros (all sets together, `gather_pays`): one gather of rows of W (embedding_bag), so
+        the backward pass builds W's gradient once for all sets. More: the sets are zero-filled and
+        stacked into one (sets * batch, hidden_dim) x (hidden_dim, input_dim) product.
         """
         batch, widths = codes[0][0].shape[0], [idx.shape[1] for idx, _ in codes]
-        if sum(widths) * 32 > self.config.hidden_dim:
+        if not gather_pays(sum(widths), self.config.hidden_dim, self.encoder.weight.device):
             z = torch.cat([torch.zeros(batch, self.config.hidden_dim, dtype=val.dtype, device=val.device).scatter(1, idx, val)
                            for idx, val in codes])  # (sets * batch, hidden_dim)
             return list((z @ self.encoder.weight).split(batch))
