@@ -195,6 +195,34 @@ def test_step_losses_fired_marks_latents_with_positive_topk_values(make_head, em
     assert not fired[row0_topk].all()
 
 
+@pytest.mark.parametrize("dead_ids", [[], [3, 9], list(range(4, 32))])  # none, few (column path), most (masked path)
+def test_auxk_without_reading_the_dead_count_gives_the_same_loss_and_gradients(make_head, embeddings, dead_ids):
+    """On a GPU AuxK never reads how many latents are dead (a host synchronisation); it must not matter."""
+    head = make_head(input_dim=8, hidden_dim=32, k=2, k_aux=4, seed=3)
+    x = embeddings(6, 8, seed=4)
+    dead = torch.zeros(32, dtype=torch.bool)
+    dead[dead_ids] = True
+    results = []
+    for read_count in (True, False):
+        head.zero_grad(set_to_none=True)
+        pre = head.preactivations(x)
+        x_hat = head.decode(*head.encode(x, 2))
+        loss = trainer_module._auxk(head, pre, dead, x - x_hat, None, read_count=read_count)
+        (loss + 1e-3 * pre.sum()).backward()  # a second term so that gradients exist with no latent dead
+        results.append((loss.detach(), [p.grad.clone() for p in head.parameters()]))
+    (loss_read, grads_read), (loss_free, grads_free) = results
+    assert torch.allclose(loss_read, loss_free, rtol=1e-6) and (loss_read > 0) == bool(dead_ids)
+    assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(grads_read, grads_free))
+
+
+def test_tf32_matmuls_sets_the_switch_inside_and_restores_it():
+    before = torch.backends.cuda.matmul.allow_tf32
+    for enabled in (True, False):
+        with trainer_module.tf32_matmuls(enabled):
+            assert torch.backends.cuda.matmul.allow_tf32 is enabled
+        assert torch.backends.cuda.matmul.allow_tf32 is before
+
+
 # --- dead-latent counters ----------------------------------------------------------------------
 
 

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ from .losses import (
     pairs_contrastive_from_logits,
     reconstruction_loss,
     residual_spread,
-    sparse_to_dense,
+    sparse_cosine_logits,
     supervised_contrastive_from_logits,
     total_loss,
 )
@@ -87,46 +88,64 @@ def step_losses(
     return losses, fired
 
 
-def _auxk(head: SparseHead, pre: torch.Tensor, dead: torch.Tensor, residual: torch.Tensor, std) -> torch.Tensor:
-    """AuxK from the dead latents' pre-activations. pre: (n, h); residual: (n, d), gradient already stopped."""
-    dead_ids = dead.nonzero().squeeze(1)  # (n_dead,); with none dead the loss is 0 and costs nothing
-    n_dead, h = len(dead_ids), head.config.hidden_dim
-    if n_dead == 0:
-        return torch.zeros((), device=pre.device)
-    k_aux = min(head.config.k_aux, n_dead)
-    if 2 * n_dead <= h:  # few dead: work on their columns only, a (n, n_dead) x (n_dead, d) product
-        top = pre[:, dead_ids].topk(k_aux, dim=1)
-        z = torch.zeros(len(pre), n_dead, dtype=pre.dtype, device=pre.device).scatter(1, top.indices, top.values.relu())
-        weight = head.weight[dead_ids]
-    else:  # most dead: selecting columns would cost more than it saves; mask a copy of pre instead
-        top = pre.masked_fill(~dead, -torch.inf).topk(k_aux, dim=1)
-        z = torch.zeros_like(pre).scatter(1, top.indices, top.values.relu())
-        weight = head.weight
-    # the normaliser over the global batch when it is split across processes (distributed.py)
+def _auxk(head: SparseHead, pre: torch.Tensor, dead: torch.Tensor, residual: torch.Tensor, std, read_count: bool | None = None) -> torch.Tensor:
+    """AuxK from the dead latents' pre-activations. pre: (n, h); residual: (n, d), gradient already stopped.
+
+    read_count (default: on CPU) lets the host read how many latents are dead and pick the cheaper
+    path; on a GPU that read would stall the step until the device catches up, so both give one result.
+    """
+    h, k_aux = head.config.hidden_dim, head.config.k_aux
+    if pre.device.type == "cpu" if read_count is None else read_count:
+        dead_ids = dead.nonzero().squeeze(1)  # (n_dead,); with none dead the loss is 0 and costs nothing
+        if len(dead_ids) == 0:
+            return torch.zeros((), device=pre.device)
+        if 2 * len(dead_ids) <= h:  # few dead: work on their columns only, a (n, n_dead) x (n_dead, d) product
+            top = pre[:, dead_ids].topk(min(k_aux, len(dead_ids)), dim=1)
+            z = torch.zeros(len(pre), len(dead_ids), dtype=pre.dtype, device=pre.device).scatter(1, top.indices, top.values.relu())
+            return _auxk_loss(head, z @ head.weight[dead_ids], residual, std, dead.any())
+    # Mask a copy of pre: live latents are -inf, so any of them the top k_aux still takes (fewer than k_aux
+    # dead) is zeroed by the ReLU, and with none dead the loss is 0, all without reading the count.
+    top = pre.masked_fill(~dead, -torch.inf).topk(k_aux, dim=1, sorted=False)
+    z = torch.zeros_like(pre).scatter(1, top.indices, top.values.relu())  # (n, h)
+    return _auxk_loss(head, z @ head.weight, residual, std, dead.any())
+
+
+def _auxk_loss(head: SparseHead, sums: torch.Tensor, residual: torch.Tensor, std, any_dead: torch.Tensor) -> torch.Tensor:
+    """auxk_loss of the dead latents' W^T z_aux sums: (n, d); its normaliser over the global batch when
+    the batch is split across processes (distributed.py)."""
     baseline = residual_spread(dist.sum_over_ranks(residual.sum(0)), dist.sum_over_ranks(residual.square().sum()), len(residual) * dist.world_size())
-    return auxk_loss(residual, head.unstandardize(z @ weight, std, bias=False), True, baseline)
+    return auxk_loss(residual, head.unstandardize(sums, std, bias=False), any_dead, baseline)
 
 
 def _contrastive(idx: torch.Tensor, val: torch.Tensor, h: int, mode: str, labels, temperature: float) -> torch.Tensor:
     """The contrastive loss on the k-sparse codes (idx, val): (n, k); across processes, this rank's rows
-    against the codes of the whole global batch (distributed.py)."""
+    against the codes of the whole global batch (distributed.py), which travel as (n, k) pairs."""
     if mode == "none":
         return torch.zeros((), device=val.device)
     if mode == "pairs":
         (qi, di), (qv, dv) = idx.chunk(2), val.chunk(2)
     else:
         qi, di, qv, dv = idx, idx, val, val
-    # Normalise the k values, then zero-fill: the (n, h) rows need no normalisation of their own, and
-    # one product beats comparing index pairs (n^2 k^2 elementwise work) from k = 2 on (measured on CPU).
-    q = sparse_to_dense(qi, F.normalize(qv, dim=-1), h)
-    d = q if mode != "pairs" else sparse_to_dense(di, F.normalize(dv, dim=-1), h)
-    n, offset = len(q), dist.rank() * len(q)
-    logits = q @ dist.gather(d).T / temperature  # (n, world x n)
+    n, offset = len(qi), dist.rank() * len(qi)
+    logits = sparse_cosine_logits(qi, qv, dist.gather_labels(di), dist.gather(dv), h, temperature)  # (n, world x n)
     if mode == "pairs":
         return pairs_contrastive_from_logits(logits, offset)
     if mode == "self":
         labels = torch.arange(n, device=val.device) + offset
     return supervised_contrastive_from_logits(logits, labels, dist.gather_labels(labels), offset)
+
+
+@contextmanager
+def tf32_matmuls(enabled: bool):
+    """Inside the block, float32 matrix products on CUDA run on TF32 tensor cores if `enabled`, in full
+    float32 if not; the caller's setting comes back after (a library must not change it for good)."""
+    matmul = torch.backends.cuda.matmul
+    before = matmul.allow_tf32  # the legacy switch: the newer fp32_precision one breaks code that still reads this
+    matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        matmul.allow_tf32 = before
 
 
 def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
@@ -251,10 +270,11 @@ class Trainer:
     def train_step(self, x: torch.Tensor, labels: torch.Tensor | None, k: int) -> dict[str, torch.Tensor]:
         """One optimizer step at k; updates the dead-latent counters. x: (n, input_dim)."""
         dead = self.counters > self.head_config.dead_threshold
-        losses, fired = self.objective(x, k, dead, labels)
-        self.optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        self.optimizer.step()
+        with tf32_matmuls(self.cfg.tf32):
+            losses, fired = self.objective(x, k, dead, labels)
+            self.optimizer.zero_grad(set_to_none=True)
+            losses["loss"].backward()
+            self.optimizer.step()
         self.counters = update_dead_counters(self.counters, fired)
         return losses
 
@@ -312,7 +332,8 @@ class Trainer:
         head = load_head(ckpt)
         if head.config != self.head_config:
             raise InputError(f"{ckpt}: head config {head.config.to_dict()} differs from this run's {self.head_config.to_dict()}; resume with the same options")
-        changed = [key for key, value in self.cfg.to_dict().items() if saved["train"].get(key) != value]
+        saved_cfg = {**TrainConfig().to_dict(), **saved["train"]}  # a field added since the checkpoint has its default
+        changed = [key for key, value in self.cfg.to_dict().items() if saved_cfg.get(key) != value]
         if changed:
             raise InputError(f"{ckpt}: was trained with other values of {', '.join(changed)}; resume with the same options")
         if saved["samples"] != len(self.data):
