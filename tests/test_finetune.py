@@ -195,3 +195,18 @@ def test_training_can_start_from_a_trained_head(tmp_path):
     assert {r["k"] for r in log} == {2}  # the head was annealed already
     with pytest.raises(InputError, match="starting head needs"):
         finetune_text(TextBackbone(max_seq_length=16), TEXTS, LABELS, head=csrv2.SparseHead(csrv2.HeadConfig(8, 16, 2)), progress=False)
+
+
+def test_the_head_runs_in_float32_under_bf16_autocast():
+    """On CUDA the backbone runs under bf16 autocast (FinetuneConfig.bf16); the head must not (it crashed there)."""
+    from csrv2.finetune import EndToEnd
+
+    backbone = TextBackbone(max_seq_length=16)
+    head = csrv2.SparseHead(csrv2.HeadConfig(384, 256, 2))  # k 2 of 256: the codes are decoded by gathering
+    module = EndToEnd(backbone, head, TrainConfig(contrastive="supervised"), FinetuneConfig(), "supervised")
+    labels = torch.tensor([0, 1, 0, 1, 0, 1])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, fired = module(TEXTS, 2, torch.zeros(256, dtype=torch.bool), labels)
+    loss.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss) and fired.any()
+    assert head.encoder.weight.grad is not None and torch.isfinite(head.encoder.weight.grad).all()

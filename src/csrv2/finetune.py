@@ -51,7 +51,7 @@ from .export import to_sparse_encoder
 from .head import SparseHead
 from .model import SETTINGS_FILE, load_head, read_settings, write_folder, write_head_files, write_json
 from .schedule import k_at_step
-from .trainer import LOG_FILE, STATE_FILE, epoch_order, latest_checkpoint, step_losses, truncate_log, update_dead_counters, write_checkpoint
+from .trainer import LOG_FILE, STATE_FILE, epoch_order, latest_checkpoint, step_losses, tf32_matmuls, truncate_log, update_dead_counters, write_checkpoint
 
 BACKBONE_WEIGHTS = "backbone.safetensors"
 OBJECTIVES = ("csrv2", "matryoshka")
@@ -112,9 +112,12 @@ class EndToEnd(torch.nn.Module):
     def forward(self, batch, k: int | None, dead: torch.Tensor | None, labels: torch.Tensor | None):
         """batch: texts (queries then documents for pairs) or images -> (loss, fired latents or None)."""
         x = self.backbone.forward(batch).float()  # (n, d), or (2n, d)
-        if self.head is None:
-            return matryoshka_loss(x, self.ft.mrl_dims, self.mode, labels, self.cfg.temperature), None
-        losses, fired = step_losses(self.head, x, k, dead, self.cfg, self.mode, labels)
+        # The head and the losses leave bf16 autocast: top-k selection and the sparse decoding need
+        # float32 (TF32 products on CUDA), and embedding_bag refuses bf16 codes against float32 weights.
+        with torch.autocast(x.device.type, enabled=False), tf32_matmuls(self.cfg.tf32):
+            if self.head is None:
+                return matryoshka_loss(x, self.ft.mrl_dims, self.mode, labels, self.cfg.temperature), None
+            losses, fired = step_losses(self.head, x, k, dead, self.cfg, self.mode, labels)
         return losses["loss"], fired
 
 
