@@ -39,14 +39,16 @@ import time
 import torch
 import torch.nn.functional as F
 
+import csrv2.losses
 from csrv2.config import HeadConfig, TrainConfig, resolve_k_init
 from csrv2.data import TrainingData
 from csrv2.head import SparseHead
 from csrv2.schedule import k_at_step
-from csrv2.trainer import Trainer, step_losses
+from csrv2.trainer import Trainer, step_losses, tf32_matmuls
 
 FIRE_EPS = 1e-5  # the official top_k counts a latent as fired when its top-k value exceeds this
 TOLERANCE = 1e-4  # first-step total loss: |ours - official| <= TOLERANCE * max(1, |official|)
+TF32_TOLERANCE = 1e-3  # the same with our products in TF32 (METHOD: tf32 products land near 3e-4 relative)
 
 
 # --- the official recipe's step, re-implemented ----------------------------------------------------
@@ -157,6 +159,55 @@ def run_schedule(loop, x, labels, ks, batch, device):
     return time.perf_counter() - start
 
 
+def trajectory(loop, x, labels, ks, batch) -> torch.Tensor:
+    """(len(ks),) total loss of each step of run_schedule's steps, read back once at the end."""
+    batches, losses = len(x) // batch, []
+    for t, k in enumerate(ks):
+        rows = slice((t % batches) * batch, (t % batches + 1) * batch)
+        losses.append(loop.train_step(x[rows], labels[rows], k)["loss"].detach())
+    return torch.stack(losses).cpu()
+
+
+def host_syncs(loop, x, labels, k) -> str:
+    """'none', or the first host synchronisation one of our CUDA steps makes (torch's sync debug mode)."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loop.train_step(x, labels, k)
+        return "none"
+    except RuntimeError as e:
+        return str(e).splitlines()[0]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def gemm_floor(d, h, b, device, tf32, repeats=10) -> float:
+    """Milliseconds of one encoder product (b, d) x (d, h) and its weight gradient, the least a step does."""
+    x, w = torch.randn(b, d, device=device), torch.randn(h, d, device=device, requires_grad=True)
+    grad = torch.randn(b, h, device=device)
+    with tf32_matmuls(tf32):
+        for _ in range(3):
+            torch.autograd.grad(F.linear(x, w), w, grad)
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            torch.autograd.grad(F.linear(x, w), w, grad)
+        sync(device)
+    return 1e3 * (time.perf_counter() - start) / repeats
+
+
+def profile(loop, x, labels, ks, batch, rows=15) -> str:
+    """The torch profiler's table of the device kernels of len(ks) of our steps, most time first."""
+    from torch.profiler import ProfilerActivity
+    with torch.profiler.profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        run_schedule(loop, x, labels, ks, batch, x.device)
+    events = prof.key_averages()
+    try:
+        return events.table(sort_by="self_device_time_total", row_limit=rows)
+    except (AttributeError, KeyError, ValueError):  # torch before the device_* names
+        return events.table(sort_by="self_cuda_time_total", row_limit=rows)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--input-dim", type=int, default=384)
@@ -172,13 +223,20 @@ def main(argv=None):
     p.add_argument("--classes", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...; synchronised before each clock read")
+    p.add_argument("--no-tf32", action="store_true", help="our step in full float32 on CUDA (TrainConfig.tf32 off)")
+    p.add_argument("--gather-limit", type=int, help="this device's csrv2.losses.GATHER_LIMITS entry for the run: "
+                   "codes with over hidden_dim / N non-zeros are zero-filled")
+    p.add_argument("--profile", action="store_true", help="CUDA: also print the kernels of 5 of our steps, most time first")
     p.add_argument("--json", metavar="OUT", help="also write the numbers to this JSON file")
     a = p.parse_args(argv)
 
     device = torch.device(a.device)
+    if a.gather_limit:
+        csrv2.losses.GATHER_LIMITS[device.type] = a.gather_limit
     d, h, b = a.input_dim, a.hidden_dim, a.batch_size
     k_aux = a.k_aux or max(1, h // 16)
-    cfg = TrainConfig(batch_size=b, anneal=not a.no_anneal, contrastive="supervised", seed=a.seed, device=str(device))
+    cfg = TrainConfig(batch_size=b, anneal=not a.no_anneal, contrastive="supervised", seed=a.seed, device=str(device),
+                      tf32=not a.no_tf32)
     # fresh batches as in real training (one pass), capped so that the paper's sizes fit on a GPU
     n = min(a.steps * b, max(8 * b, 2**16))
     head, x, labels, dead = make_problem(d, h, a.k, k_aux, n, a.classes, a.dead_fraction, a.seed, device)
@@ -198,6 +256,15 @@ def main(argv=None):
     print(f"first-step total loss |diff| {diff:.2e}: {'OK' if ok else 'MISMATCH'}")
     if not ok:
         sys.exit(1)
+    cuda, tf32_diff = device.type == "cuda", None
+    if cuda and cfg.tf32:  # the check above ran in float32; the timed step runs its products in TF32
+        with tf32_matmuls(True):
+            fast, _ = step_losses(head, x[:b], ks[0], dead, cfg, "supervised", labels[:b])
+        tf32_diff = abs(fast["loss"].item() - official["loss"].item()) / max(1.0, abs(official["loss"].item()))
+        print(f"first-step total loss, ours in TF32: {fast['loss'].item():.7f}, relative diff {tf32_diff:.2e}: "
+              f"{'OK' if tf32_diff <= TF32_TOLERANCE else 'MISMATCH'}")
+        if tf32_diff > TF32_TOLERANCE:
+            sys.exit(1)
 
     # Both start with the same latents dead (counters just past the threshold there).
     state0 = torch.where(dead, head.config.dead_threshold + 1, 0).long()
@@ -211,18 +278,34 @@ def main(argv=None):
             seconds[name].append(run_schedule(loop, x, labels, ks, b, device))
             dead_end[name] = loop.dead_fraction()
     rate = {name: a.steps * b / statistics.median(s) for name, s in seconds.items()}
+    extra = {}
+    if cuda:
+        extra["host_syncs"] = host_syncs(make["ours"](), x[:b], labels[:b], ks[0])
+        extra["gemm_floor_ms"] = {"fp32": gemm_floor(d, h, b, device, False), "tf32": gemm_floor(d, h, b, device, True)}
+        if cfg.tf32:  # the whole schedule in TF32 against float32, step for step
+            exact = trajectory(our_trainer(head, state0, TrainConfig(**{**cfg.to_dict(), "tf32": False}), x, labels), x, labels, ks, b)
+            fast = trajectory(make["ours"](), x, labels, ks, b)
+            extra["tf32_max_relative_loss_diff"] = float(((fast - exact).abs() / exact.abs().clamp_min(1.0)).max())
+        if a.profile:
+            print(profile(make["ours"](), x, labels, ks[:5], b))
     ratio = rate["ours"] / rate["official"]
 
     print(f"\n{'':9s}{'samples/s':>11s}{'ms/step':>9s}{'dead at end':>13s}")
     for name in make:
         print(f"{name:9s}{rate[name]:11.0f}{1e3 * b / rate[name]:9.2f}{dead_end[name]:13.1%}")
     print("(dead: csrv2 counts optimizer steps without a top-k firing; official counts top-k calls, 3 a step)")
+    for name, value in extra.items():
+        print(f"{name}: {value}")
+    if cuda:
+        ms = 1e3 * b / rate["ours"]
+        print(f"ours {ms:.2f} ms/step = {ms / extra['gemm_floor_ms']['fp32']:.2f} x the float32 GEMM floor")
     print(f"\nours: {rate['ours']:.0f} samples/s  official: {rate['official']:.0f} samples/s  ratio: {ratio:.2f}")
     if a.json:
         record = {"args": vars(a), "k_aux": k_aux, "k_schedule": [ks[0], ks[-1]], "device": str(device),
                   "threads": torch.get_num_threads(), "torch": torch.__version__,
                   "first_step_loss": {"ours": ours["loss"].item(), "official": official["loss"].item()},
-                  "seconds": seconds, "samples_per_s": rate, "ratio": ratio, "dead_at_end": dead_end}
+                  "seconds": seconds, "samples_per_s": rate, "ratio": ratio, "dead_at_end": dead_end,
+                  "first_step_tf32_relative_diff": tf32_diff, **extra}
         with open(a.json, "w") as f:
             json.dump(record, f, indent=2)
 
