@@ -177,3 +177,10 @@ def test_every_command_prints_its_help(command, capsys):
     with pytest.raises(SystemExit) as exit_:
         main([*command.split(), "--help"])
     assert exit_.value.code == 0 and "--" in capsys.readouterr().out
+
+
+def test_finetune_help_shows_the_k_it_uses(capsys):
+    with pytest.raises(SystemExit):
+        main(["finetune", "--help"])
+    help_k = capsys.readouterr().out.split("\n  --k K", 1)[1].split("\n  --", 1)[0]  # its entry, not the usage line
+    assert "(default: 2)" in " ".join(help_k.split())

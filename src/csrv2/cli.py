@@ -22,18 +22,21 @@ from .reproduce import METHODS, SuiteConfig
 HEAD_OPTIONS = ("k", "hidden_dim", "k_aux", "normalize", "dead_threshold")
 # The TrainConfig fields end-to-end training reads (its contrastive form follows the data; it writes no checkpoints yet).
 FINETUNE_TRAIN_OPTIONS = ("epochs", "batch_size", "lr", "adam_eps", "anneal", "k_init", "decay_ratio", "multi_k_coef",
-                          "aux_coef", "cl_coef", "temperature", "seed", "device")
+                          "aux_coef", "cl_coef", "temperature", "seed", "device", "tf32")
+FINETUNE_K = 2  # end to end aims at the smallest codes; the head-only default stays HeadConfig's
 
 
-def _add_dataclass_options(parser: argparse.ArgumentParser, cls, names=None, choices: dict | None = None) -> None:
-    """One --option per dataclass field, its help the field's docstring; unset options stay None."""
-    choices = choices or {}
+def _add_dataclass_options(parser: argparse.ArgumentParser, cls, names=None, choices: dict | None = None, defaults: dict | None = None) -> None:
+    """One --option per dataclass field, its help the field's docstring; unset options stay None.
+    `defaults` names the value a command uses instead of the field's own, for the help."""
+    choices, defaults = choices or {}, defaults or {}
     docs = field_docs(cls)
     for f in dataclasses.fields(cls):
         if names is not None and f.name not in names:
             continue
         flag = "--" + f.name.replace("_", "-")
-        help_text = (docs.get(f.name, "") + ("" if f.default is None else f" (default: {f.default})")).replace("%", "%%")  # argparse formats help
+        default = defaults.get(f.name, f.default)
+        help_text = (docs.get(f.name, "") + ("" if default is None else f" (default: {default})")).replace("%", "%%")  # argparse formats help
         if f.type in (bool, "bool"):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif str(f.type).startswith("Literal["):  # one of named values
@@ -174,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_backbone_options(finetune, "the packaged all-MiniLM-L6-v2")
     finetune.add_argument("--image-size", type=int, default=64, help="side in pixels images are resized to (image data)")
     _add_dataclass_options(finetune.add_argument_group("training (lr is the head's)"), TrainConfig, FINETUNE_TRAIN_OPTIONS + ("checkpoint_every", "log_every"))
-    _add_dataclass_options(finetune.add_argument_group("sparse head"), HeadConfig, ("k", "hidden_dim"))
+    _add_dataclass_options(finetune.add_argument_group("sparse head"), HeadConfig, ("k", "hidden_dim"), defaults={"k": FINETUNE_K})
     _add_dataclass_options(finetune.add_argument_group("end to end"), FinetuneConfig)
 
     reproduce = sub.add_parser(
@@ -401,7 +404,7 @@ def run_finetune(args: argparse.Namespace) -> None:
     train_fields = FINETUNE_TRAIN_OPTIONS + ("checkpoint_every", "log_every")
     trained, head = Finetuner(
         backbone, inputs, items.get("labels"), items.get("documents"),
-        k=args.k or 2, hidden_dim=args.hidden_dim or 0, train=TrainConfig(**_given(args, train_fields)),
+        k=args.k or FINETUNE_K, hidden_dim=args.hidden_dim or 0, train=TrainConfig(**_given(args, train_fields)),
         finetune=ft, out=args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
     ).fit()
     if head is None:
