@@ -220,9 +220,10 @@ def test_normalize_round_trip(embeddings):
     assert torch.allclose(ref, ((x_std - b).relu() - (b - x_std).relu() + b) * std + mu, atol=1e-5)
 
 
-@pytest.mark.parametrize("hidden_dim, width", [(512, 4), (512, 64), (64, 8)])  # few entries per bag, and many
+# widths 4 and 3 of 512: both gathered; 64 and 3 of 512, 8 and 3 of 64: one zero-filled, one gathered; 8 and 3 of 32: both zero-filled
+@pytest.mark.parametrize("hidden_dim, width", [(512, 4), (512, 64), (64, 8), (32, 8)])
 def test_gather_decode_gradients_match_dense_reference(hidden_dim, width):
-    """decode_sums' hand-written backward (both of its paths) against autograd through a zero-filled product."""
+    """decode_sums (gathered, zero-filled and mixed sets) against autograd through a zero-filled product."""
     g = torch.Generator().manual_seed(0)
     head = SparseHead(HeadConfig(input_dim=12, hidden_dim=hidden_dim, k=2), generator=g).double()
     idx_a = torch.rand(5, hidden_dim, generator=g).topk(width, dim=1).indices

@@ -91,25 +91,34 @@ class SparseHead(nn.Module):
     def decode_sums(self, codes: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
         """W^T z for several code sets at once: [(indices (batch, k_i), values (batch, k_i))] -> [(batch, input_dim)].
 
-        Few non-zeros (all sets together, `gather_pays`): one gather of rows of W (embedding_bag), so
-        the backward pass builds W's gradient once for all sets. More: the sets are zero-filled and
-        stacked into one (sets * batch, hidden_dim) x (hidden_dim, input_dim) product.
+        Each set is decoded by gathering its rows of W when its width is small (`gather_pays`), else
+        zero-filled. The gathered sets share one embedding_bag, so the backward pass builds W's
+        gradient once for them; the zero-filled ones share one (sets * batch, hidden_dim) x
+        (hidden_dim, input_dim) product.
         """
-        batch, widths = codes[0][0].shape[0], [idx.shape[1] for idx, _ in codes]
-        if not gather_pays(sum(widths), self.config.hidden_dim, self.encoder.weight.device):
-            z = torch.cat([torch.zeros(batch, self.config.hidden_dim, dtype=val.dtype, device=val.device).scatter(1, idx, val)
-                           for idx, val in codes])  # (sets * batch, hidden_dim)
-            return list((z @ self.encoder.weight).split(batch))
-        flat_idx = torch.cat([idx.reshape(-1) for idx, _ in codes]).long()
-        flat_val = torch.cat([val.reshape(-1) for _, val in codes])
-        # one bag per (set, row); widths are Python ints, so the offsets need no device round trip
-        starts = [0]
-        for width in widths:
-            starts.append(starts[-1] + batch * width)
-        offsets = torch.cat([torch.arange(start, end, width, device=flat_idx.device)
-                             for start, end, width in zip(starts, starts[1:], widths)])
-        out = F.embedding_bag(flat_idx, self.encoder.weight, offsets, mode="sum", per_sample_weights=flat_val)
-        return list(out.split(batch))
+        batch, h, weight = codes[0][0].shape[0], self.config.hidden_dim, self.encoder.weight
+        gathered = [gather_pays(idx.shape[1], h, weight.device) for idx, _ in codes]
+        out: list[torch.Tensor | None] = [None] * len(codes)
+        dense = [i for i, g in enumerate(gathered) if not g]
+        if dense:
+            z = torch.cat([torch.zeros(batch, h, dtype=codes[i][1].dtype, device=weight.device).scatter(1, *codes[i]) for i in dense])
+            for i, part in zip(dense, (z @ weight).split(batch)):  # z: (len(dense) * batch, hidden_dim)
+                out[i] = part
+        bags = [i for i, g in enumerate(gathered) if g]
+        if bags:
+            widths = [codes[i][0].shape[1] for i in bags]
+            flat_idx = torch.cat([codes[i][0].reshape(-1) for i in bags]).long()
+            flat_val = torch.cat([codes[i][1].reshape(-1) for i in bags])
+            # one bag per (set, row); widths are Python ints, so the offsets need no device round trip
+            starts = [0]
+            for width in widths:
+                starts.append(starts[-1] + batch * width)
+            offsets = torch.cat([torch.arange(start, end, width, device=flat_idx.device)
+                                 for start, end, width in zip(starts, starts[1:], widths)])
+            sums = F.embedding_bag(flat_idx, weight, offsets, mode="sum", per_sample_weights=flat_val)
+            for i, part in zip(bags, sums.split(batch)):
+                out[i] = part
+        return out
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
