@@ -195,12 +195,14 @@ def test_step_losses_fired_marks_latents_with_positive_topk_values(make_head, em
     assert not fired[row0_topk].all()
 
 
-@pytest.mark.parametrize("dead_ids", [[], [3, 9], list(range(4, 32))])  # none, few (column path), most (masked path)
-def test_auxk_without_reading_the_dead_count_gives_the_same_loss_and_gradients(make_head, embeddings, dead_ids):
+@pytest.mark.parametrize("hidden_dim", [32, 128])  # k_aux 4 of 32 is zero-filled, of 128 gathered (losses.gather_pays)
+@pytest.mark.parametrize("dead_share", ["none", "few", "most"])  # few: the column path when the count is read
+def test_auxk_without_reading_the_dead_count_gives_the_same_loss_and_gradients(make_head, embeddings, hidden_dim, dead_share):
     """On a GPU AuxK never reads how many latents are dead (a host synchronisation); it must not matter."""
-    head = make_head(input_dim=8, hidden_dim=32, k=2, k_aux=4, seed=3)
+    head = make_head(input_dim=8, hidden_dim=hidden_dim, k=2, k_aux=4, seed=3)
     x = embeddings(6, 8, seed=4)
-    dead = torch.zeros(32, dtype=torch.bool)
+    dead_ids = {"none": [], "few": [3, 9], "most": list(range(4, hidden_dim))}[dead_share]
+    dead = torch.zeros(hidden_dim, dtype=torch.bool)
     dead[dead_ids] = True
     results = []
     for read_count in (True, False):
@@ -212,6 +214,12 @@ def test_auxk_without_reading_the_dead_count_gives_the_same_loss_and_gradients(m
         results.append((loss.detach(), [p.grad.clone() for p in head.parameters()]))
     (loss_read, grads_read), (loss_free, grads_free) = results
     assert torch.allclose(loss_read, loss_free, rtol=1e-6) and (loss_read > 0) == bool(dead_ids)
+    if dead_ids:  # and both are the dense reference: the top k_aux dead pre-activations decode the residual
+        with torch.no_grad():
+            residual = (x - head.decode(*head.encode(x, 2))).double()
+            residual_hat = dense_code(head.preactivations(x).double(), 4, allowed=dead) @ head.weight.double()
+            ref = ((residual - residual_hat) ** 2).mean() / ((residual - residual.mean(0)) ** 2).mean()
+        assert loss_free.item() == pytest.approx(ref.item(), rel=1e-5)
     assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(grads_read, grads_free))
 
 

@@ -106,8 +106,7 @@ def _auxk(head: SparseHead, pre: torch.Tensor, dead: torch.Tensor, residual: tor
     # Mask a copy of pre: live latents are -inf, so any of them the top k_aux still takes (fewer than k_aux
     # dead) is zeroed by the ReLU, and with none dead the loss is 0, all without reading the count.
     top = pre.masked_fill(~dead, -torch.inf).topk(k_aux, dim=1, sorted=False)
-    z = torch.zeros_like(pre).scatter(1, top.indices, top.values.relu())  # (n, h)
-    return _auxk_loss(head, z @ head.weight, residual, std, dead.any())
+    return _auxk_loss(head, head.decode_sums([(top.indices, top.values.relu())])[0], residual, std, dead.any())
 
 
 def _auxk_loss(head: SparseHead, sums: torch.Tensor, residual: torch.Tensor, std, any_dead: torch.Tensor) -> torch.Tensor:
