@@ -60,9 +60,10 @@ def step_losses(
 
     What keeps it cheap: the top-k and top-4k come from one top-4k of the pre-activations (topk is
     sorted, so its first k columns are the top-k); x_hat_4k = x_hat_k + the rows of latents
-    k+1..4k, decoded by gathering rows of W when k is small; AuxK reads only dead latents (costs
-    nothing when none is dead) and never edits the pre-activations in place; the contrastive loss
-    reads the single view of the codes, which the official recipe recomputes as an identical copy.
+    k+1..4k, each code set decoded by gathering rows of W when it is small; AuxK reads only dead
+    latents (on CPU it costs nothing when none is dead; on a GPU it never waits for the host) and
+    never edits the pre-activations in place; the contrastive loss reads the single view of the
+    codes, which the official recipe recomputes as an identical copy, and gathers its similarities.
     """
     h = head.config.hidden_dim
     x_in, mu, std = head.standardize(x)
