@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU figure in the README in one call: the head's training step against the official recipe at
 # d 4096 / h 16384 (batch 4096 and 128, k 2 annealed from 64 and k 64 fixed, then batch 4096 in full
-# float32; the two batch-4096 runs again with the CPU's gather limit, zero-filling from hidden_dim / 32 non-zeros),
+# float32; the two batch-4096 runs again with --gather-limit 32, zero-filling from hidden_dim / 32 non-zeros),
 # then end-to-end finetuning of all-MiniLM-L6-v2 with the head (all weights, then LoRA).
 #
 #     benchmarks/gpu.sh [OUT_DIR]        # one JSON file per run in OUT_DIR (default gpu-results)
