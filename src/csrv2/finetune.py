@@ -114,7 +114,7 @@ class EndToEnd(torch.nn.Module):
         x = self.backbone.forward(batch).float()  # (n, d), or (2n, d)
         # The head and the losses leave bf16 autocast: top-k selection and the sparse decoding need
         # float32 (TF32 products on CUDA), and embedding_bag refuses bf16 codes against float32 weights.
-        with torch.autocast(x.device.type, enabled=False), tf32_matmuls(self.cfg.tf32):
+        with torch.autocast(x.device.type, enabled=False):
             if self.head is None:
                 return matryoshka_loss(x, self.ft.mrl_dims, self.mode, labels, self.cfg.temperature), None
             losses, fired = step_losses(self.head, x, k, dead, self.cfg, self.mode, labels)
@@ -247,7 +247,7 @@ class Finetuner:
             labels = None if self.labels is None else self.labels[local].to(self.device)
             # DDP averages the gradients once, after the last micro-batch's backward
             accumulate = self.objective.no_sync() if dist.active() and i < len(micros) - 1 else contextlib.nullcontext()
-            with accumulate:
+            with accumulate, tf32_matmuls(self.cfg.tf32):  # forward and backward, as in the head-only Trainer
                 with self.autocast:
                     loss, fired_now = self.objective(self._batch(local), k, dead, labels)
                 (loss * len(micro) / len(rows)).backward()  # the mean over the whole step's items
