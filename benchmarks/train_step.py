@@ -147,25 +147,27 @@ def sync(device):
         torch.accelerator.synchronize(device)
 
 
-def run_schedule(loop, x, labels, ks, batch, device):
-    """len(ks) optimizer steps of loop at k = ks[t], cycling over the batches of x; returns seconds."""
+def steps(loop, x, labels, ks, batch):
+    """len(ks) optimizer steps of loop at k = ks[t], cycling over the batches of x; yields what each step returns."""
     batches = len(x) // batch
-    sync(device)
-    start = time.perf_counter()
     for t, k in enumerate(ks):
         rows = slice((t % batches) * batch, (t % batches + 1) * batch)
-        loop.train_step(x[rows], labels[rows], k)
+        yield loop.train_step(x[rows], labels[rows], k)
+
+
+def run_schedule(loop, x, labels, ks, batch, device):
+    """The steps of `steps`, timed: returns seconds."""
+    sync(device)
+    start = time.perf_counter()
+    for _ in steps(loop, x, labels, ks, batch):
+        pass
     sync(device)
     return time.perf_counter() - start
 
 
 def trajectory(loop, x, labels, ks, batch) -> torch.Tensor:
-    """(len(ks),) total loss of each step of run_schedule's steps, read back once at the end."""
-    batches, losses = len(x) // batch, []
-    for t, k in enumerate(ks):
-        rows = slice((t % batches) * batch, (t % batches + 1) * batch)
-        losses.append(loop.train_step(x[rows], labels[rows], k)["loss"].detach())
-    return torch.stack(losses).cpu()
+    """(len(ks),) total loss of each of our steps, read back once at the end."""
+    return torch.stack([losses["loss"].detach() for losses in steps(loop, x, labels, ks, batch)]).cpu()
 
 
 def host_syncs(loop, x, labels, k) -> str:
