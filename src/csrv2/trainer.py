@@ -12,7 +12,7 @@ import json
 import math
 import os
 import shutil
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from . import distributed as dist
+from . import selected_latents
 from .config import HeadConfig, TrainConfig, preset, resolve_device, resolve_k_init
 from .data import TrainingData, class_ids
 from .errors import InputError
@@ -67,22 +68,46 @@ def step_losses(
     """
     h = head.config.hidden_dim
     x_in, mu, std = head.standardize(x)
-    pre = head.project(x_in)  # (n, h)
-    top = pre.topk(min(4 * k, h), dim=1)
-    idx_4k, val_4k = top.indices, top.values.relu()  # (n, 4k), largest first
-    idx_k, val_k = idx_4k[:, :k], val_4k[:, :k]  # (n, k)
-    sum_k, sum_rest = head.decode_sums([(idx_k, val_k), (idx_4k[:, k:], val_4k[:, k:])])  # (n, d) each
-    x_hat_k = head.unstandardize(sum_k, std, mu)
-    x_hat_4k = head.unstandardize(sum_k + sum_rest, std, mu)
-
+    compiled = selected_latents.available(x.device)
+    with torch.no_grad() if compiled else nullcontext():  # the compiled path builds the gradients itself
+        pre = head.project(x_in)  # (n, h)
+    if compiled:  # unsorted selection is cheaper for large k; the top-k is then found among the 4k
+        top = pre.topk(min(4 * k, h), dim=1, sorted=False)
+        first = top.values.topk(k, dim=1).indices  # (n, k) positions in the 4k columns, largest first
+        rest = torch.ones_like(top.indices, dtype=torch.bool).scatter_(1, first, False)
+        idx_4k = torch.cat([top.indices.gather(1, first), top.indices[rest].view(len(pre), -1)], 1)  # (n, 4k), top-k first
+        val_k = top.values.gather(1, first)
+    else:
+        top = pre.topk(min(4 * k, h), dim=1)
+        idx_4k, val_4k = top.indices, top.values.relu()  # (n, 4k), largest first
+        val_k = val_4k[:, :k]  # (n, k)
+    idx_k = idx_4k[:, :k]  # (n, k)
     fired = torch.zeros(h, device=x.device).index_add_(0, idx_k.reshape(-1), (val_k > 0).reshape(-1).float()) > 0
     fired = dist.any_rank(fired)  # in the global batch, when it is split across processes
+    # a latent that fires in this batch is not dead for it (as in the official recipe, whose
+    # counters are updated by the top-k before AuxK reads them)
+    dead = dead & ~fired
+    if compiled:
+        idx_aux = _dead_top(pre, dead, head.config.k_aux)  # (n, k_aux or fewer)
+        z, sum_k, sum_rest, sum_aux = selected_latents.select(
+            x_in, head.pre_bias, head.weight, head.latent_bias, pre, torch.cat([idx_4k, idx_aux], 1),
+            (k, idx_4k.shape[1] - k, idx_aux.shape[1]))
+        val_k = z[:, :k]
+    else:
+        sum_k, sum_rest = head.decode_sums([(idx_k, val_k), (idx_4k[:, k:], val_4k[:, k:])])  # (n, d) each
+    x_hat_k = head.unstandardize(sum_k, std, mu)
+    x_hat_4k = head.unstandardize(sum_k + sum_rest, std, mu)
+    residual = x - x_hat_k.detach()
+    if not compiled:
+        loss_aux = _auxk(head, pre, dead, residual, std)
+    elif idx_aux.shape[1]:
+        loss_aux = _auxk_loss(head, sum_aux, residual, std, dead.any())
+    else:
+        loss_aux = torch.zeros((), device=x.device)
     losses = {
         "loss_k": reconstruction_loss(x, x_hat_k),
         "loss_4k": reconstruction_loss(x, x_hat_4k),
-        # a latent that fires in this batch is not dead for it (as in the official recipe, whose
-        # counters are updated by the top-k before AuxK reads them)
-        "loss_aux": _auxk(head, pre, dead & ~fired, x - x_hat_k.detach(), std),
+        "loss_aux": loss_aux,
         "loss_cl": _contrastive(idx_k, val_k, h, mode, labels, cfg.temperature),
     }
     losses["loss"] = total_loss(**losses, multi_k_coef=cfg.multi_k_coef, aux_coef=cfg.aux_coef, cl_coef=cfg.cl_coef)
@@ -108,6 +133,13 @@ def _auxk(head: SparseHead, pre: torch.Tensor, dead: torch.Tensor, residual: tor
     # dead) is zeroed by the ReLU, and with none dead the loss is 0, all without reading the count.
     top = pre.masked_fill(~dead, -torch.inf).topk(k_aux, dim=1, sorted=False)
     return _auxk_loss(head, head.decode_sums([(top.indices, top.values.relu())])[0], residual, std, dead.any())
+
+
+def _dead_top(pre: torch.Tensor, dead: torch.Tensor, k_aux: int) -> torch.Tensor:
+    """AuxK's latents: per row of pre (n, h), the k_aux largest among the dead ones (all of them when fewer
+    are dead) -> (n, min(k_aux, n_dead)) latent ids; reads the dead count, so for CPUs only."""
+    dead_ids = dead.nonzero().squeeze(1)  # (n_dead,)
+    return dead_ids[pre[:, dead_ids].topk(min(k_aux, len(dead_ids)), dim=1).indices]
 
 
 def _auxk_loss(head: SparseHead, sums: torch.Tensor, residual: torch.Tensor, std, any_dead: torch.Tensor) -> torch.Tensor:

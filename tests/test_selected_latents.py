@@ -1,0 +1,84 @@
+"""csrv2.selected_latents: the compiled backward against autograd, alone and inside step_losses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import csrv2.selected_latents as sl
+from csrv2.config import TrainConfig
+from csrv2.trainer import step_losses
+
+pytestmark = pytest.mark.skipif(sl.numba is None, reason='the compiled backward needs numba: pip install "csrv2[fast]"')
+
+
+def reference(x, pre_bias, weight, latent_bias, indices, widths):
+    """The same outputs by autograd on dense tensors: z = ReLU(pre at indices), sums per set."""
+    z = ((x - pre_bias) @ weight.T + latent_bias).gather(1, indices).relu()
+    sums, start = [], 0
+    for width in widths:
+        sums.append((z[:, start : start + width, None] * weight[indices[:, start : start + width]]).sum(1))
+        start += width
+    return (z, *sums)
+
+
+@pytest.mark.parametrize("widths", [(2, 6, 5), (1, 3, 0), (4, 12, 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_select_matches_autograd(widths, dtype):
+    g = torch.Generator().manual_seed(sum(widths))
+    n, h, d = 7, 32, 5
+    params = [torch.randn(n, d, generator=g), 0.1 * torch.randn(d, generator=g), torch.randn(h, d, generator=g),
+              0.1 * torch.randn(h, generator=g)]
+    params = [p.to(dtype).requires_grad_() for p in params]
+    with torch.no_grad():
+        pre = (params[0] - params[1]) @ params[2].T + params[3]
+    # distinct latents for the first two sets (as the top-k and the rest of the 4k), then a set that may
+    # repeat them (AuxK's dead latents can sit in the 4k); random picks include negative pre-activations
+    distinct = torch.stack([torch.randperm(h, generator=g)[: widths[0] + widths[1]] for _ in range(n)])
+    indices = torch.cat([distinct, torch.randint(h, (n, widths[2]), generator=g)], 1)
+    outputs = {"compiled": sl.select(*params, pre, indices, widths), "reference": reference(*params, indices, widths)}
+    assert (outputs["reference"][0] == 0).any(), "some selected pre-activations must be negative, to test the ReLU"
+    weights = [torch.randn(out.shape, generator=g, dtype=dtype) for out in outputs["reference"]]
+    grads = {}
+    for name, outs in outputs.items():
+        loss = sum((out * w).sum() for out, w in zip(outs, weights))
+        grads[name] = torch.autograd.grad(loss, params)
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    for got, want in zip(outputs["compiled"], outputs["reference"]):
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    for got, want in zip(grads["compiled"], grads["reference"]):
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("mode,k,dead_count", [("supervised", 2, 7), ("self", 3, 0), ("pairs", 1, 30), ("supervised", 8, 12)])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_step_losses_compiled_equals_autograd_path(make_head, embeddings, monkeypatch, mode, k, dead_count, normalize):
+    """Losses, fired latents and the gradients of every parameter and of the input (as when finetuning)."""
+    head = make_head(input_dim=8, hidden_dim=32, k=2, k_aux=6, normalize=normalize, seed=5)
+    x0 = embeddings(12, 8, seed=6)
+    labels = torch.tensor([0, 1, 2] * 4)
+    dead = torch.zeros(32, dtype=torch.bool)
+    dead[torch.randperm(32, generator=torch.Generator().manual_seed(7))[:dead_count]] = True
+    results = {}
+    for enabled in (True, False):
+        monkeypatch.setattr(sl, "ENABLED", enabled)
+        x = x0.clone().requires_grad_()
+        losses, fired = step_losses(head, x, k, dead, TrainConfig(), mode, labels if mode == "supervised" else None)
+        grads = torch.autograd.grad(losses["loss"], [*head.parameters(), x])
+        results[enabled] = ({name: v.detach() for name, v in losses.items()}, fired, grads)
+    (compiled, fired_c, grads_c), (plain, fired_p, grads_p) = results[True], results[False]
+    assert torch.equal(fired_c, fired_p)
+    for name in plain:
+        torch.testing.assert_close(compiled[name], plain[name], rtol=1e-5, atol=1e-6)
+    if dead_count:
+        assert plain["loss_aux"] > 0
+    for got, want in zip(grads_c, grads_p):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_compiled_path_only_on_cpu(monkeypatch):
+    monkeypatch.setattr(sl, "ENABLED", True)
+    assert sl.available("cpu")
+    assert not sl.available("cuda")
+    monkeypatch.setattr(sl, "ENABLED", False)
+    assert not sl.available("cpu")
