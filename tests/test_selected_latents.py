@@ -82,3 +82,33 @@ def test_compiled_path_only_on_cpu(monkeypatch):
     assert not sl.available("cuda")
     monkeypatch.setattr(sl, "ENABLED", False)
     assert not sl.available("cpu")
+
+
+@pytest.mark.parametrize("k,m", [(1, 1), (2, 8), (8, 32), (24, 96), (64, 256), (5, 40)])
+def test_top_latents_same_sets_as_topk(k, m):
+    """The radix selection (and torch's heap where it serves) picks the values torch.topk picks, top k first."""
+    g = torch.Generator().manual_seed(k + m)
+    pre = torch.randn(9, 512, generator=g)
+    pre[0, :40] = 0.5  # ties across both thresholds
+    pre[1] = 0.0
+    pre[2, 100] = -0.0
+    pre[3] = -torch.arange(512.0)  # all negative
+    pre[4, ::3] = torch.finfo(torch.float32).max
+    pre[5, 7] = float("inf")
+    ids = sl.top_latents(pre, k, m)
+    want = pre.topk(m, dim=1).values
+    assert ids.shape == (9, m)
+    assert all(len(set(row.tolist())) == m for row in ids)
+    got = pre.gather(1, ids)
+    torch.testing.assert_close(got[:, :k].sort(dim=1, descending=True).values, want[:, :k], rtol=0, atol=0)
+    torch.testing.assert_close(got.sort(dim=1, descending=True).values, want, rtol=0, atol=0)
+
+
+def test_top_latents_among_columns():
+    g = torch.Generator().manual_seed(0)
+    pre = torch.randn(6, 300, generator=g)
+    columns = torch.randperm(300, generator=g)[:150].sort().values
+    ids = sl.top_latents(pre, 40, 40, columns)
+    assert set(ids.unique().tolist()) <= set(columns.tolist())
+    want = pre[:, columns].topk(40, dim=1).values
+    torch.testing.assert_close(pre.gather(1, ids).sort(dim=1, descending=True).values, want, rtol=0, atol=0)

@@ -1,4 +1,4 @@
-"""The head's training forward on its selected latents, with a compiled CPU backward (numba).
+"""The head's training step on its selected latents, compiled for CPUs (numba): selection, decoding, backward.
 
 A step selects, per sample i, m latents idx_ij (the top 4k, then AuxK's dead ones) and needs
     z_ij    = ReLU(pre_ij),  pre_ij = W[idx_ij] . (x_i - b_pre) + b_lat[idx_ij]
@@ -7,8 +7,8 @@ Autograd through the dense pre-activations builds the encoder's weight gradient 
 product, although only n m of the n h entries of dL/dpre are non-zero, and the gathered decode's
 backward sorts its indices and zero-fills another (h, d) buffer. On a CPU both cost more than the
 work they hold. Here one pass per latent r, over the pairs (i, j) that selected it, builds
-    dL/dpre_ij  = [z_ij > 0] (dL/dz_ij + W[r] . dL/dsums_si)
-    dL/dW[r]    = sum (dL/dpre_ij (x_i - b_pre) + z_ij dL/dsums_si)
+    dL/dpre_ij   = [z_ij > 0] (dL/dz_ij + W[r] . dL/dsums_si)
+    dL/dW[r]     = sum (dL/dpre_ij (x_i - b_pre) + z_ij dL/dsums_si)
     dL/db_lat[r] = sum dL/dpre_ij
 with each latent's row written by one thread; dL/dx_i = sum_j dL/dpre_ij W[idx_ij] is one gather, needed
 only when x itself is trained (finetuning): b_pre's gradient is -dL/db_lat W.
@@ -31,9 +31,8 @@ ENABLED = True
 """Whether CPU training uses this path when numba is installed (benchmarks switch it off to compare)."""
 
 
-
 def available(device: torch.device | str) -> bool:
-    """Whether the compiled backward serves training on `device`: numba is installed, the device is a CPU."""
+    """Whether the compiled step serves training on `device`: numba is installed, the device is a CPU."""
     return ENABLED and numba is not None and torch.device(device).type == "cpu"
 
 
@@ -92,17 +91,107 @@ if numba is not None:
     _backward_kernel = numba.njit(parallel=True, fastmath=True, cache=True)(_backward_kernel)
 
 
-def decode_gathered(indices: torch.Tensor, z: torch.Tensor, weight: torch.Tensor, widths: tuple[int, ...]) -> list[torch.Tensor]:
-    """Per code set, sum_j z_ij W[idx_ij]: indices, z (n, m) whose columns are the sets of `widths` -> [(n, d)]."""
-    n, d = len(indices), weight.shape[1]
-    starts = np.cumsum((0,) + widths)
-    bags = [(indices[:, a:b], z[:, a:b]) for a, b in zip(starts, starts[1:]) if b > a]
-    if not bags:
-        return [weight.new_zeros(n, d) for _ in widths]
-    flat_idx = torch.cat([i.reshape(-1) for i, _ in bags])
-    offsets = torch.cat([torch.arange(a * n, b * n, b - a) for a, b in zip(starts, starts[1:]) if b > a])
-    sums = iter(F.embedding_bag(flat_idx, weight, offsets, mode="sum", per_sample_weights=torch.cat([v.reshape(-1) for _, v in bags])).split(n))
-    return [next(sums) if width else weight.new_zeros(n, d) for width in widths]
+# --- selection: the top m latents of each row, the top k of them first ------------------------------
+# Exact radix selection on float32 bit patterns (a few passes over a row), where torch's topk would
+# run nth_element on (value, index) pairs: torch's heap is faster only for m <= h / 64.
+
+
+def _key(bits):
+    """float32 bits (as int64) -> an int64 key in the floats' order (-0.0 just below 0.0)."""
+    return bits ^ 0xFFFFFFFF if bits >> 31 else bits | 0x80000000
+
+
+def _nth_key(keys, count, need, hist):
+    """The need-th largest of keys[:count], found 11, 11 and 10 bits at a time: -> (key, how many equal to it to take)."""
+    prefix, mask = 0, 0
+    for shift, bits in ((21, 11), (10, 11), (0, 10)):
+        width = 1 << bits
+        hist[:width] = 0
+        for c in range(count):
+            if (keys[c] & mask) == prefix:
+                hist[(keys[c] >> shift) & (width - 1)] += 1
+        b = width - 1
+        while hist[b] < need:
+            need -= hist[b]
+            b -= 1
+        prefix |= b << shift
+        mask |= (width - 1) << shift
+    return prefix, need
+
+
+def _select_row(keys, count, k, m, out, columns):
+    """Writes the columns of the top k keys of keys[:count], then of the rest of the top m, into out (m,)."""
+    hist = np.empty(2048, np.int64)
+    t_k, need_k = _nth_key(keys, count, k, hist)
+    t_m, need_m = _nth_key(keys, count, m, hist)
+    a, b = 0, k
+    for c in range(count):
+        key = keys[c]
+        if key < t_m:
+            continue
+        if key > t_k or (key == t_k and need_k > 0):  # ties go to the first columns, up to the count needed
+            if key == t_k:
+                need_k -= 1
+            if key == t_m:
+                need_m -= 1
+            out[a] = columns[c]
+            a += 1
+        elif key > t_m or need_m > 0:
+            if key == t_m:
+                need_m -= 1
+            out[b] = columns[c]
+            b += 1
+
+
+def _select_kernel(pre, columns, k, m, out):
+    """pre (n, h) float32; columns (c,) the candidates -> out (n, m): top k then the rest of the top m of each row."""
+    bits = pre.view(np.uint32)
+    for i in numba.prange(pre.shape[0]):
+        keys = np.empty(columns.shape[0], np.int64)
+        for c in range(columns.shape[0]):
+            keys[c] = _key(np.int64(bits[i, columns[c]]))
+        _select_row(keys, columns.shape[0], k, m, out[i], columns)
+
+
+if numba is not None:
+    _key = numba.njit(inline="always")(_key)
+    _nth_key = numba.njit(cache=True)(_nth_key)
+    _select_row = numba.njit(cache=True)(_select_row)
+    _select_kernel = numba.njit(parallel=True, cache=True)(_select_kernel)
+
+
+def top_latents(pre: torch.Tensor, k: int, m: int, columns: torch.Tensor | None = None) -> torch.Tensor:
+    """pre: (n, h) -> (n, m) latent ids: per row the top k (in no particular order), then the rest of the top m.
+
+    columns: (c,) restricts the choice to those latents (AuxK's dead ones). Ties between equal values go
+    to the lower column. The same sets as torch.topk, which it uses where its heap is faster or pre is not float32.
+    """
+    h = pre.shape[1] if columns is None else len(columns)
+    if pre.dtype != torch.float32 or 64 * m <= h:
+        values = pre if columns is None else pre[:, columns]
+        top = values.topk(m, dim=1)  # sorted: the top k come first
+        return top.indices if columns is None else columns[top.indices]
+    out = torch.empty(len(pre), m, dtype=torch.int64)
+    chosen = np.arange(h, dtype=np.int64) if columns is None else columns.numpy()
+    _select_kernel(pre.detach().contiguous().numpy(), chosen, k, m, out.numpy())
+    return out
+
+
+def _decode_kernel(weight, indices, column_set, z, sums):
+    """sums (sets, n, d) = per set s, sum over its columns j of z_ij W[idx_ij]; one sample per thread at a time."""
+    zero = weight.dtype.type(0)
+    for i in numba.prange(indices.shape[0]):
+        sums[:, i] = zero
+        for j in range(indices.shape[1]):
+            zij = z[i, j]
+            if zij != 0:
+                out, w = sums[column_set[j], i], weight[indices[i, j]]
+                for c in range(w.shape[0]):
+                    out[c] += zij * w[c]
+
+
+if numba is not None:
+    _decode_kernel = numba.njit(parallel=True, fastmath=True, cache=True)(_decode_kernel)
 
 
 class SelectedLatents(torch.autograd.Function):
@@ -119,20 +208,26 @@ class SelectedLatents(torch.autograd.Function):
         z = values.relu()
         ctx.save_for_backward(x, pre_bias, weight, indices, z)
         ctx.widths = widths
-        return (z, *decode_gathered(indices, z, weight, widths))
+        sums = weight.new_empty(len(widths), len(x), weight.shape[1])
+        _decode_kernel(_array(weight), _array(indices), _column_sets(widths), _array(z), sums.numpy())
+        return (z, *sums.unbind())
 
     @staticmethod
     def backward(ctx, g_z, *g_sums):
         x, pre_bias, weight, indices, z = ctx.saved_tensors
         n, m = indices.shape
-        column_set = np.repeat(np.arange(len(ctx.widths)), ctx.widths)
         grad_w, g_pre, grad_b = torch.empty_like(weight), z.new_empty(n, m), weight.new_empty(weight.shape[0])
-        _backward_kernel(_array(weight), _array(x - pre_bias), _array(torch.stack(g_sums)), _array(indices), column_set,
+        _backward_kernel(_array(weight), _array(x - pre_bias), _array(torch.stack(g_sums)), _array(indices), _column_sets(ctx.widths),
                          _array(z), _array(g_z), grad_w.numpy(), g_pre.numpy(), grad_b.numpy())
         # dL/dx_i = sum_j dL/dpre_ij W[idx_ij]; summed over i that is dL/db_lat W, so b_pre needs no gather
         grad_x = F.embedding_bag(indices, weight, mode="sum", per_sample_weights=g_pre) if ctx.needs_input_grad[0] else None
         grad_pre_bias = -(grad_b @ weight) if ctx.needs_input_grad[1] else None
         return grad_x, grad_pre_bias, grad_w, grad_b, None, None, None
+
+
+def _column_sets(widths: tuple[int, ...]) -> np.ndarray:
+    """(m,) the code set of each column, for sets of the given widths side by side."""
+    return np.repeat(np.arange(len(widths)), widths)
 
 
 def _array(t: torch.Tensor) -> np.ndarray:

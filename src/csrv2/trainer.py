@@ -65,18 +65,18 @@ def step_losses(
     latents (on CPU it costs nothing when none is dead; on a GPU it never waits for the host) and
     never edits the pre-activations in place; the contrastive loss reads the single view of the
     codes, which the official recipe recomputes as an identical copy, and gathers its similarities.
+    On CPUs with numba, selection, decoding and the whole backward of the head run compiled
+    (selected_latents.py): autograd's dense products and zero-filled buffers cost more than the sparse
+    work they hold there.
     """
     h = head.config.hidden_dim
     x_in, mu, std = head.standardize(x)
     compiled = selected_latents.available(x.device)
     with torch.no_grad() if compiled else nullcontext():  # the compiled path builds the gradients itself
         pre = head.project(x_in)  # (n, h)
-    if compiled:  # unsorted selection is cheaper for large k; the top-k is then found among the 4k
-        top = pre.topk(min(4 * k, h), dim=1, sorted=False)
-        first = top.values.topk(k, dim=1).indices  # (n, k) positions in the 4k columns, largest first
-        rest = torch.ones_like(top.indices, dtype=torch.bool).scatter_(1, first, False)
-        idx_4k = torch.cat([top.indices.gather(1, first), top.indices[rest].view(len(pre), -1)], 1)  # (n, 4k), top-k first
-        val_k = top.values.gather(1, first)
+    if compiled:
+        idx_4k = selected_latents.top_latents(pre, k, min(4 * k, h))  # (n, 4k), the top-k first
+        val_k = pre.gather(1, idx_4k[:, :k])
     else:
         top = pre.topk(min(4 * k, h), dim=1)
         idx_4k, val_4k = top.indices, top.values.relu()  # (n, 4k), largest first
@@ -139,7 +139,8 @@ def _dead_top(pre: torch.Tensor, dead: torch.Tensor, k_aux: int) -> torch.Tensor
     """AuxK's latents: per row of pre (n, h), the k_aux largest among the dead ones (all of them when fewer
     are dead) -> (n, min(k_aux, n_dead)) latent ids; reads the dead count, so for CPUs only."""
     dead_ids = dead.nonzero().squeeze(1)  # (n_dead,)
-    return dead_ids[pre[:, dead_ids].topk(min(k_aux, len(dead_ids)), dim=1).indices]
+    count = min(k_aux, len(dead_ids))
+    return selected_latents.top_latents(pre, count, count, dead_ids) if count else dead_ids.new_zeros(len(pre), 0)
 
 
 def _auxk_loss(head: SparseHead, sums: torch.Tensor, residual: torch.Tensor, std, any_dead: torch.Tensor) -> torch.Tensor:
