@@ -112,3 +112,21 @@ def test_top_latents_among_columns():
     assert set(ids.unique().tolist()) <= set(columns.tolist())
     want = pre[:, columns].topk(40, dim=1).values
     torch.testing.assert_close(pre.gather(1, ids).sort(dim=1, descending=True).values, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("k,k_d", [(1, 1), (2, 8), (5, 3)])
+def test_sparse_dots_match_zero_filled_products(k, k_d):
+    """Dot products of sparse codes, and their gradients, against the product of the zero-filled codes."""
+    g = torch.Generator().manual_seed(k * 10 + k_d)
+    dim, n, m = 12, 7, 9  # a small space, so that codes share latents
+    q_idx = torch.stack([torch.randperm(dim, generator=g)[:k] for _ in range(n)])
+    d_idx = torch.stack([torch.randperm(dim, generator=g)[:k_d] for _ in range(m)])
+    q_val, d_val = torch.randn(n, k, generator=g, requires_grad=True), torch.randn(m, k_d, generator=g, requires_grad=True)
+    weights = torch.randn(n, m, generator=g)
+    dense = lambda idx, val: torch.zeros(len(idx), dim).scatter(1, idx, val)
+    got = sl.sparse_dots(q_idx, q_val, d_idx, d_val, dim)
+    want = dense(q_idx, q_val) @ dense(d_idx, d_val).T
+    torch.testing.assert_close(got, want)
+    grads = [torch.autograd.grad((out * weights).sum(), [q_val, d_val]) for out in (got, want)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)

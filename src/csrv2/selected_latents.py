@@ -101,15 +101,28 @@ def _key(bits):
     return bits ^ 0xFFFFFFFF if bits >> 31 else bits | 0x80000000
 
 
-def _nth_key(keys, count, need, hist):
-    """The need-th largest of keys[:count], found 11, 11 and 10 bits at a time: -> (key, how many equal to it to take)."""
-    prefix, mask = 0, 0
-    for shift, bits in ((21, 11), (10, 11), (0, 10)):
+def _nth_key(keys, count, need, top_hist, hist, candidates):
+    """The need-th largest of keys[:count] -> (key, how many keys equal to it to take).
+
+    top_hist (2048,): the counts of the keys' top 11 bits. Only the keys of the bin holding the answer are
+    copied to candidates and refined, 11 then 10 bits at a time (hist: scratch of 2048).
+    """
+    top = 2047
+    while top_hist[top] < need:
+        need -= top_hist[top]
+        top -= 1
+    found = 0
+    for c in range(count):
+        if keys[c] >> 21 == top:
+            candidates[found] = keys[c]
+            found += 1
+    prefix, mask = top << 21, 2047 << 21
+    for shift, bits in ((10, 11), (0, 10)):
         width = 1 << bits
         hist[:width] = 0
-        for c in range(count):
-            if (keys[c] & mask) == prefix:
-                hist[(keys[c] >> shift) & (width - 1)] += 1
+        for c in range(found):
+            if (candidates[c] & mask) == prefix:
+                hist[(candidates[c] >> shift) & (width - 1)] += 1
         b = width - 1
         while hist[b] < need:
             need -= hist[b]
@@ -119,11 +132,13 @@ def _nth_key(keys, count, need, hist):
     return prefix, need
 
 
-def _select_row(keys, count, k, m, out, columns):
+def _select_row(keys, count, k, m, out, columns, top_hist, hist, candidates):
     """Writes the columns of the top k keys of keys[:count], then of the rest of the top m, into out (m,)."""
-    hist = np.empty(2048, np.int64)
-    t_k, need_k = _nth_key(keys, count, k, hist)
-    t_m, need_m = _nth_key(keys, count, m, hist)
+    top_hist[:] = 0
+    for c in range(count):
+        top_hist[keys[c] >> 21] += 1
+    t_k, need_k = _nth_key(keys, count, k, top_hist, hist, candidates)
+    t_m, need_m = (t_k, need_k) if m == k else _nth_key(keys, count, m, top_hist, hist, candidates)
     a, b = 0, k
     for c in range(count):
         key = keys[c]
@@ -146,11 +161,14 @@ def _select_row(keys, count, k, m, out, columns):
 def _select_kernel(pre, columns, k, m, out):
     """pre (n, h) float32; columns (c,) the candidates -> out (n, m): top k then the rest of the top m of each row."""
     bits = pre.view(np.uint32)
-    for i in numba.prange(pre.shape[0]):
-        keys = np.empty(columns.shape[0], np.int64)
-        for c in range(columns.shape[0]):
-            keys[c] = _key(np.int64(bits[i, columns[c]]))
-        _select_row(keys, columns.shape[0], k, m, out[i], columns)
+    n, count = pre.shape[0], columns.shape[0]
+    for stride in numba.prange(STRIDES):  # scratch once per stride of rows, not per row
+        keys, candidates = np.empty(count, np.int64), np.empty(count, np.int64)
+        top_hist, hist = np.empty(2048, np.int32), np.empty(2048, np.int32)
+        for i in range(stride, n, STRIDES):
+            for c in range(count):
+                keys[c] = _key(np.int64(bits[i, columns[c]]))
+            _select_row(keys, count, k, m, out[i], columns, top_hist, hist, candidates)
 
 
 if numba is not None:
@@ -238,3 +256,78 @@ def select(x: torch.Tensor, pre_bias: torch.Tensor, weight: torch.Tensor, latent
            indices: torch.Tensor, widths: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
     """`SelectedLatents` on indices (n, m) of pre (n, h), computed without gradient: -> (z (n, m), *sums (n, d))."""
     return SelectedLatents.apply(x, pre_bias, weight, latent_bias, pre.detach().gather(1, indices), indices, tuple(widths))
+
+
+# --- similarities of sparse codes, for the contrastive loss ---------------------------------------
+# s_ij = sum over the latents r that q_i and d_j share of q_ir d_jr: each q non-zero meets only the d
+# non-zeros on its latent (the d codes bucketed by latent), so the work is the number of shared
+# non-zeros, where a zero-filled (dim, m) table costs dim m to build and sorts its indices in backward.
+
+
+def _by_latent(dim, idx, val):
+    """Codes idx, val (m, k) bucketed by latent: starts (dim + 1,), and per non-zero in bucket order its
+    row (P,), its value (P,) and its flat position (P,)."""
+    starts, order = _bucket(dim, idx.ravel())
+    width = idx.shape[1]
+    rows = order // width
+    return starts, rows, val.ravel()[order], order
+
+
+def _dots_kernel(q_idx, q_val, d_idx, d_val, dim, out):
+    """out (n, m) = the dot products of the sparse q (n, k) and d (m, k') codes in a space of dim latents."""
+    starts, rows, values, _ = _by_latent(dim, d_idx, d_val)
+    out[:] = 0
+    for i in range(q_idx.shape[0]):
+        for a in range(q_idx.shape[1]):
+            r, v = q_idx[i, a], q_val[i, a]
+            for p in range(starts[r], starts[r + 1]):
+                out[i, rows[p]] += v * values[p]
+
+
+def _dots_backward_kernel(q_idx, q_val, d_idx, d_val, dim, g_out, g_q, g_d):
+    """The gradients of _dots_kernel's out against q_val and d_val, given g_out (n, m)."""
+    starts, rows, values, order = _by_latent(dim, d_idx, d_val)
+    g_q[:] = 0
+    g_bucket = np.zeros(len(rows), g_out.dtype)  # d's gradient in bucket order, scattered back at the end
+    for i in range(q_idx.shape[0]):
+        for a in range(q_idx.shape[1]):
+            r, v = q_idx[i, a], q_val[i, a]
+            acc = g_q[i, a]
+            for p in range(starts[r], starts[r + 1]):
+                g = g_out[i, rows[p]]
+                acc += g * values[p]
+                g_bucket[p] += g * v
+            g_q[i, a] = acc
+    flat = g_d.ravel()
+    for p in range(len(order)):
+        flat[order[p]] = g_bucket[p]
+
+
+if numba is not None:
+    _by_latent = numba.njit(cache=True)(_by_latent)
+    _dots_kernel = numba.njit(cache=True)(_dots_kernel)
+    _dots_backward_kernel = numba.njit(cache=True)(_dots_backward_kernel)
+
+
+class SparseDots(torch.autograd.Function):
+    """(q_idx, q_val, d_idx, d_val, dim) -> (n, m) dot products of sparse codes: q (n, k), d (m, k'), int64 indices."""
+
+    @staticmethod
+    def forward(ctx, q_idx, q_val, d_idx, d_val, dim):
+        ctx.save_for_backward(q_idx, q_val, d_idx, d_val)
+        ctx.dim = dim
+        out = q_val.new_empty(len(q_idx), len(d_idx))
+        _dots_kernel(_array(q_idx), _array(q_val), _array(d_idx), _array(d_val), dim, out.numpy())
+        return out
+
+    @staticmethod
+    def backward(ctx, g_out):
+        q_idx, q_val, d_idx, d_val = ctx.saved_tensors
+        g_q, g_d = q_val.new_empty(q_val.shape), d_val.new_empty(d_val.shape)  # contiguous: the kernel writes through ravel()
+        _dots_backward_kernel(_array(q_idx), _array(q_val), _array(d_idx), _array(d_val), ctx.dim, _array(g_out), g_q.numpy(), g_d.numpy())
+        return None, g_q, None, g_d, None
+
+
+def sparse_dots(q_idx: torch.Tensor, q_val: torch.Tensor, d_idx: torch.Tensor, d_val: torch.Tensor, dim: int) -> torch.Tensor:
+    """q (n, k) and d (m, k') sparse codes as indices and values in a space of `dim` -> (n, m) dot products."""
+    return SparseDots.apply(q_idx.long(), q_val, d_idx.long(), d_val, dim)
