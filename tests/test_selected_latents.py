@@ -80,6 +80,7 @@ def test_compiled_path_only_on_cpu(monkeypatch):
     monkeypatch.setattr(sl, "ENABLED", True)
     assert sl.available("cpu")
     assert not sl.available("cuda")
+    assert not sl.available("cpu", torch.bfloat16)
     monkeypatch.setattr(sl, "ENABLED", False)
     assert not sl.available("cpu")
 

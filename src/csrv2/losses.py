@@ -68,7 +68,7 @@ def sparse_cosine_logits(q_idx: torch.Tensor, q_val: torch.Tensor, d_idx: torch.
     the non-zeros two codes share. Values need not be normalised; zero rows give 0.
     """
     q_val, d_val = F.normalize(q_val, dim=-1), F.normalize(d_val, dim=-1)
-    if selected_latents.available(q_val.device):
+    if selected_latents.available(q_val.device, q_val.dtype):
         return selected_latents.sparse_dots(q_idx, q_val, d_idx, d_val, dim) / temperature
     if not gather_pays(q_idx.shape[1], dim, q_val.device):
         return sparse_to_dense(q_idx, q_val, dim) @ sparse_to_dense(d_idx, d_val, dim).T / temperature

@@ -1,4 +1,5 @@
-"""The head's training step on its selected latents, compiled for CPUs (numba): selection, decoding, backward.
+"""The head's training step on its selected latents, compiled for CPUs (numba): the top-k selection, the
+decode, the backward, and the contrastive loss's similarities of sparse codes (further down).
 
 A step selects, per sample i, m latents idx_ij (the top 4k, then AuxK's dead ones) and needs
     z_ij    = ReLU(pre_ij),  pre_ij = W[idx_ij] . (x_i - b_pre) + b_lat[idx_ij]
@@ -30,10 +31,15 @@ except ImportError:
 ENABLED = True
 """Whether CPU training uses this path when numba is installed (benchmarks switch it off to compare)."""
 
+STRIDES = 64
+"""Parallel loops deal their rows out in this many strides (r, r + STRIDES, ...), whatever the thread count."""
 
-def available(device: torch.device | str) -> bool:
-    """Whether the compiled step serves training on `device`: numba is installed, the device is a CPU."""
-    return ENABLED and numba is not None and torch.device(device).type == "cpu"
+
+def available(device: torch.device | str, dtype: torch.dtype = torch.float32) -> bool:
+    """Whether the compiled step serves training on `device` in `dtype`: numba is installed, the device is a
+    CPU and the dtype float32 or float64 (numba has no half types). The kernels compile on first use (seconds,
+    once per installation: numba caches them beside this module when it can write there)."""
+    return ENABLED and numba is not None and torch.device(device).type == "cpu" and dtype in (torch.float32, torch.float64)
 
 
 def _bucket(h, latents):
@@ -69,22 +75,22 @@ def _backward_kernel(weight, xc, g_sums, indices, column_set, z, g_z, grad_w, g_
             gb = zero
             for q in range(starts[r], starts[r + 1]):
                 i, j = divmod(order[q], m)
+                zij = z[i, j]
+                if zij <= 0:  # the ReLU zeroed it: no gradient through it, nothing decoded from it
+                    g_pre[i, j] = zero
+                    continue
                 g = g_sums[column_set[j], i]
-                gp = zero
-                if z[i, j] > 0:
-                    dot = zero
-                    for c in range(d):
-                        dot += w_r[c] * g[c]
-                    gp = g_z[i, j] + dot
+                dot = zero
+                for c in range(d):
+                    dot += w_r[c] * g[c]
+                gp = g_z[i, j] + dot
                 g_pre[i, j] = gp
                 gb += gp
-                x, zij = xc[i], z[i, j]
+                x = xc[i]
                 for c in range(d):
                     acc[c] += gp * x[c] + zij * g[c]
             grad_b[r] = gb
 
-
-STRIDES = 64
 
 if numba is not None:
     _bucket = numba.njit(cache=True)(_bucket)

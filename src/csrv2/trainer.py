@@ -71,7 +71,7 @@ def step_losses(
     """
     h = head.config.hidden_dim
     x_in, mu, std = head.standardize(x)
-    compiled = selected_latents.available(x.device)
+    compiled = selected_latents.available(x.device, head.weight.dtype)
     with torch.no_grad() if compiled else nullcontext():  # the compiled path builds the gradients itself
         pre = head.project(x_in)  # (n, h)
     if compiled:
