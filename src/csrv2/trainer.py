@@ -76,7 +76,7 @@ def step_losses(
         pre = head.project(x_in)  # (n, h)
     if compiled:
         idx_4k = selected_latents.top_latents(pre, k, min(4 * k, h))  # (n, 4k), the top-k first
-        val_k = pre.gather(1, idx_4k[:, :k])
+        val_k = pre.gather(1, idx_4k[:, :k])  # before the ReLU: read only for `fired`, replaced by z below
     else:
         top = pre.topk(min(4 * k, h), dim=1)
         idx_4k, val_4k = top.indices, top.values.relu()  # (n, 4k), largest first
