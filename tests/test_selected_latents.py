@@ -131,3 +131,17 @@ def test_sparse_dots_match_zero_filled_products(k, k_d):
     grads = [torch.autograd.grad((out * weights).sum(), [q_val, d_val]) for out in (got, want)]
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+def test_cpu_training_takes_the_compiled_path(make_head, embeddings, monkeypatch):
+    """step_losses on CPU goes through SelectedLatents and sparse_dots (and, switched off, through neither)."""
+    calls = []
+    for name in ("select", "sparse_dots"):
+        real = getattr(sl, name)
+        monkeypatch.setattr(sl, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    head, x = make_head(input_dim=8, hidden_dim=32, k=2, k_aux=6), embeddings(12, 8)
+    step_losses(head, x, 2, torch.zeros(32, dtype=torch.bool), TrainConfig(), "self")
+    assert calls == ["select", "sparse_dots"]
+    monkeypatch.setattr(sl, "ENABLED", False)
+    step_losses(head, x, 2, torch.zeros(32, dtype=torch.bool), TrainConfig(), "self")
+    assert calls == ["select", "sparse_dots"]
