@@ -231,9 +231,9 @@ class SelectedLatents(torch.autograd.Function):
     def forward(ctx, x, pre_bias, weight, latent_bias, values, indices, widths):
         z = values.relu()
         ctx.save_for_backward(x, pre_bias, weight, indices, z)
-        ctx.widths = widths
+        ctx.column_set = np.repeat(np.arange(len(widths)), widths)  # (m,) the code set of each column
         sums = weight.new_empty(len(widths), len(x), weight.shape[1])
-        _decode_kernel(_array(weight), _array(indices), _column_sets(widths), _array(z), sums.numpy())
+        _decode_kernel(_array(weight), _array(indices), ctx.column_set, _array(z), sums.numpy())
         return (z, *sums.unbind())
 
     @staticmethod
@@ -241,17 +241,12 @@ class SelectedLatents(torch.autograd.Function):
         x, pre_bias, weight, indices, z = ctx.saved_tensors
         n, m = indices.shape
         grad_w, g_pre, grad_b = torch.empty_like(weight), z.new_empty(n, m), weight.new_empty(weight.shape[0])
-        _backward_kernel(_array(weight), _array(x - pre_bias), _array(torch.stack(g_sums)), _array(indices), _column_sets(ctx.widths),
+        _backward_kernel(_array(weight), _array(x - pre_bias), _array(torch.stack(g_sums)), _array(indices), ctx.column_set,
                          _array(z), _array(g_z), grad_w.numpy(), g_pre.numpy(), grad_b.numpy())
         # dL/dx_i = sum_j dL/dpre_ij W[idx_ij]; summed over i that is dL/db_lat W, so b_pre needs no gather
         grad_x = F.embedding_bag(indices, weight, mode="sum", per_sample_weights=g_pre) if ctx.needs_input_grad[0] else None
         grad_pre_bias = -(grad_b @ weight) if ctx.needs_input_grad[1] else None
         return grad_x, grad_pre_bias, grad_w, grad_b, None, None, None
-
-
-def _column_sets(widths: tuple[int, ...]) -> np.ndarray:
-    """(m,) the code set of each column, for sets of the given widths side by side."""
-    return np.repeat(np.arange(len(widths)), widths)
 
 
 def _array(t: torch.Tensor) -> np.ndarray:
@@ -279,9 +274,8 @@ def _by_latent(dim, idx, val):
     return starts, rows, val.ravel()[order], order
 
 
-def _dots_kernel(q_idx, q_val, d_idx, d_val, dim, out):
-    """out (n, m) = the dot products of the sparse q (n, k) and d (m, k') codes in a space of dim latents."""
-    starts, rows, values, _ = _by_latent(dim, d_idx, d_val)
+def _dots_kernel(q_idx, q_val, starts, rows, values, out):
+    """out (n, m) = the dot products of the sparse q (n, k) codes and the d codes, given bucketed by _by_latent."""
     out[:] = 0
     for i in range(q_idx.shape[0]):
         for a in range(q_idx.shape[1]):
@@ -290,9 +284,8 @@ def _dots_kernel(q_idx, q_val, d_idx, d_val, dim, out):
                 out[i, rows[p]] += v * values[p]
 
 
-def _dots_backward_kernel(q_idx, q_val, d_idx, d_val, dim, g_out, g_q, g_d):
-    """The gradients of _dots_kernel's out against q_val and d_val, given g_out (n, m)."""
-    starts, rows, values, order = _by_latent(dim, d_idx, d_val)
+def _dots_backward_kernel(q_idx, q_val, starts, rows, values, order, g_out, g_q, g_d):
+    """The gradients of _dots_kernel's out against q_val and the d values (g_d: (m, k')), given g_out (n, m)."""
     g_q[:] = 0
     g_bucket = np.zeros(len(rows), g_out.dtype)  # d's gradient in bucket order, scattered back at the end
     for i in range(q_idx.shape[0]):
@@ -320,17 +313,17 @@ class SparseDots(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q_idx, q_val, d_idx, d_val, dim):
-        ctx.save_for_backward(q_idx, q_val, d_idx, d_val)
-        ctx.dim = dim
+        ctx.save_for_backward(q_idx, q_val, d_val)
+        ctx.buckets = _by_latent(dim, _array(d_idx), _array(d_val))  # the backward walks the same buckets
         out = q_val.new_empty(len(q_idx), len(d_idx))
-        _dots_kernel(_array(q_idx), _array(q_val), _array(d_idx), _array(d_val), dim, out.numpy())
+        _dots_kernel(_array(q_idx), _array(q_val), *ctx.buckets[:3], out.numpy())
         return out
 
     @staticmethod
     def backward(ctx, g_out):
-        q_idx, q_val, d_idx, d_val = ctx.saved_tensors
+        q_idx, q_val, d_val = ctx.saved_tensors
         g_q, g_d = q_val.new_empty(q_val.shape), d_val.new_empty(d_val.shape)  # contiguous: the kernel writes through ravel()
-        _dots_backward_kernel(_array(q_idx), _array(q_val), _array(d_idx), _array(d_val), ctx.dim, _array(g_out), g_q.numpy(), g_d.numpy())
+        _dots_backward_kernel(_array(q_idx), _array(q_val), *ctx.buckets, _array(g_out), g_q.numpy(), g_d.numpy())
         return None, g_q, None, g_d, None
 
 
