@@ -18,9 +18,9 @@ import time
 
 import torch
 
-from csrv2.backbone import TextBackbone
 from csrv2.config import TrainConfig, resolve_device
-from csrv2.datasets import load_bbc_news
+from csrv2.data.backbones import TextBackbone
+from csrv2.data.datasets import load_bbc_news
 from csrv2.finetune import FinetuneConfig, finetune_text
 
 

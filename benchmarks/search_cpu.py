@@ -4,7 +4,7 @@ What is measured, for each database size n and each method: build time (index co
 data generation), index bytes and bytes per vector, the median latency of single queries (one call
 per query), and one batch of queries (total time, queries/s). Top-10 throughout.
 
-    ours:      csrv2.index.InvertedIndex over k-sparse codes at h = 16384 (k = 2 and 8). The codes are
+    ours:      csrv2.search.index.InvertedIndex over k-sparse codes at h = 16384 (k = 2 and 8). The codes are
                synthetic and *skewed* like a trained head's latents: each code holds k distinct latents
                drawn successively (without replacement, the same law as Gumbel-top-k on log p) from
                p_j ~ 1 / (j + 10)^s, s = 1 (ids shuffled), values |N(0, 1)| + 0.1; queries alike.
@@ -41,7 +41,7 @@ import numpy as np
 import scipy.sparse
 
 from csrv2.codes import SparseCodes
-from csrv2.index import InvertedIndex
+from csrv2.search.index import InvertedIndex
 
 try:
     import faiss

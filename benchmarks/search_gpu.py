@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from csrv2 import InvertedIndex, SparseCodes
-from csrv2.index_torch import TorchIndex
+from csrv2.search.torch_index import TorchIndex
 
 
 def skewed_codes(n: int, dim: int, k: int, zipf: float, rng: np.random.Generator) -> SparseCodes:

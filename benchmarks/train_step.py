@@ -39,10 +39,10 @@ import time
 import torch
 import torch.nn.functional as F
 
+import csrv2.kernels
 import csrv2.losses
-import csrv2.selected_latents
 from csrv2.config import HeadConfig, TrainConfig, resolve_k_init
-from csrv2.data import TrainingData
+from csrv2.data.training import TrainingData
 from csrv2.head import SparseHead
 from csrv2.schedule import k_at_step
 from csrv2.trainer import Trainer, step_losses, tf32_matmuls
@@ -230,13 +230,13 @@ def main(argv=None):
     p.add_argument("--gather-limit", type=int, help="this device's csrv2.losses.GATHER_LIMITS entry for the run: "
                    "codes with over hidden_dim / N non-zeros are zero-filled")
     p.add_argument("--no-compiled", action="store_true", help="CPU: our step through autograd, without the compiled "
-                   "backward of csrv2.selected_latents (which needs numba)")
+                   "backward of csrv2.kernels (which needs numba)")
     p.add_argument("--profile", action="store_true", help="CUDA: also print the kernels of 5 of our steps, most time first")
     p.add_argument("--json", metavar="OUT", help="also write the numbers to this JSON file")
     a = p.parse_args(argv)
 
     device = torch.device(a.device)
-    csrv2.selected_latents.ENABLED = not a.no_compiled
+    csrv2.kernels.ENABLED = not a.no_compiled
     if a.gather_limit:
         csrv2.losses.GATHER_LIMITS[device.type] = a.gather_limit
     d, h, b = a.input_dim, a.hidden_dim, a.batch_size
@@ -250,7 +250,7 @@ def main(argv=None):
     ks = [k_at_step(t, a.steps, k_init, a.k, cfg.decay_ratio) for t in range(a.steps)]
     print(f"d={d} h={h} batch={b} k={a.k} k_aux={k_aux} steps={a.steps} k: {ks[0]} -> {ks[-1]} "
           f"dead at start {dead.float().mean():.0%} device={device} threads={torch.get_num_threads()} "
-          f"compiled backward={csrv2.selected_latents.available(device)}")
+          f"compiled backward={csrv2.kernels.available(device)}")
 
     # First step, same weights, data and dead mask: the totals must agree.
     ours, _ = step_losses(head, x[:b], ks[0], dead, cfg, "supervised", labels[:b])
@@ -310,7 +310,7 @@ def main(argv=None):
     if a.json:
         record = {"args": vars(a), "k_aux": k_aux, "k_schedule": [ks[0], ks[-1]], "device": str(device),
                   "threads": torch.get_num_threads(), "torch": torch.__version__,
-                  "compiled_backward": csrv2.selected_latents.available(device),
+                  "compiled_backward": csrv2.kernels.available(device),
                   "first_step_loss": {"ours": ours["loss"].item(), "official": official["loss"].item()},
                   "seconds": seconds, "samples_per_s": rate, "ratio": ratio, "dead_at_end": dead_end,
                   "first_step_tf32_relative_diff": tf32_diff, **extra}

@@ -15,12 +15,12 @@ import argparse
 import time
 
 import csrv2
-from csrv2.backbone import TextBackbone
-from csrv2.cache import EmbeddingCache
 from csrv2.config import TrainConfig
-from csrv2.datasets import load_bbc_news
+from csrv2.data.backbones import TextBackbone
+from csrv2.data.cache import EmbeddingCache
+from csrv2.data.datasets import load_bbc_news
+from csrv2.eval.metrics import logistic_regression_accuracy, nearest_neighbour_accuracy
 from csrv2.finetune import FinetuneConfig, finetune_text
-from csrv2.metrics import logistic_regression_accuracy, nearest_neighbour_accuracy
 
 
 def scores(backbone: TextBackbone, head, data, embed) -> tuple[float, float]:

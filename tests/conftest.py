@@ -8,7 +8,6 @@ import torch
 from csrv2.config import HeadConfig
 from csrv2.head import SparseHead
 
-
 # --- fixtures for test_losses / test_schedule / test_head / test_codes / test_step -------------
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from csrv2.backbone import ImageBackbone, TextBackbone, resolve_text_model
+from csrv2.data.backbones import ImageBackbone, TextBackbone, resolve_text_model
 from csrv2.errors import InputError
 
 

@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from csrv2.baselines import (
+from csrv2.config import TrainConfig
+from csrv2.data.training import TrainingData
+from csrv2.errors import InputError
+from csrv2.eval.baselines import (
     MatryoshkaHead,
     load_matryoshka,
     matryoshka_loss,
@@ -15,9 +18,6 @@ from csrv2.baselines import (
     train_matryoshka,
     truncate,
 )
-from csrv2.config import TrainConfig
-from csrv2.data import TrainingData
-from csrv2.errors import InputError
 from csrv2.losses import pairs_contrastive_loss, self_contrastive_loss, supervised_contrastive_loss
 
 

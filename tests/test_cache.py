@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from csrv2.cache import EmbeddingCache, fingerprint
+from csrv2.data.cache import EmbeddingCache, fingerprint
 
 
 class CountingBackbone:

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from csrv2.codes import SparseCodes, encode
+from csrv2.codes import SparseCodes
 from csrv2.errors import InputError
+from csrv2.head import encode
 
 
 @pytest.fixture

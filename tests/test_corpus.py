@@ -7,13 +7,13 @@ import csv
 import numpy as np
 import pytest
 
-from csrv2.backbone import TextBackbone
-from csrv2.cache import EmbeddingCache
 from csrv2.cli import main
-from csrv2.corpus import build_text_index, query_backbone, read_texts, search_texts, texts_path
+from csrv2.data.backbones import TextBackbone
+from csrv2.data.cache import EmbeddingCache
 from csrv2.errors import InputError
-from csrv2.index import InvertedIndex
 from csrv2.model import save_head
+from csrv2.search.index import InvertedIndex
+from csrv2.search.texts import build_text_index, query_backbone, read_texts, search_texts, texts_path
 
 DOCS = [
     "The central bank raised interest rates again to fight inflation.",

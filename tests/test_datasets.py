@@ -1,4 +1,4 @@
-"""csrv2.datasets: packaged loaders on small slices (offline), user files round-tripped, and each bad input's message."""
+"""csrv2.data.datasets: packaged loaders on small slices (offline), user files round-tripped, and each bad input's message."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from csrv2 import datasets as ds
+from csrv2.data import datasets as ds
 from csrv2.errors import InputError
 
 SMALL = {"max_train": 50, "max_test": 20}

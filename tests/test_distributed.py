@@ -104,7 +104,7 @@ def test_embed_under_torchrun_writes_a_shard_per_rank(tmp_path, monkeypatch):
     bad = _torchrun(2, *args, "--out", "one.npz", cwd=tmp_path)
     assert bad.returncode != 0 and bad.stderr.count("pass a folder as --out") == 2
     from csrv2.cli import main
-    from csrv2.data import load_training_data
+    from csrv2.data.training import load_training_data
 
     assert main([*args, "--out", str(tmp_path / "one.npz"), "--cache-dir", str(tmp_path / "cache1")]) == 0
     sharded, whole = load_training_data(tmp_path / "shards"), load_training_data(tmp_path / "one.npz")
@@ -148,8 +148,8 @@ LABELS = np.array(["business", "sport"] * 6)
 
 def _finetune(out, objective: str) -> None:
     """End-to-end training of a dropout-free MiniLM on TEXTS (dropout draws differ per rank, so it is off to compare)."""
-    from csrv2.backbone import TextBackbone
     from csrv2.config import TrainConfig
+    from csrv2.data.backbones import TextBackbone
     from csrv2.finetune import FinetuneConfig, finetune_text
 
     torch.set_num_threads(1)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from csrv2.cli import main
-from csrv2.data import load_training_data
+from csrv2.data.training import load_training_data
 
 
 @pytest.fixture(autouse=True)
@@ -53,7 +53,7 @@ def test_bad_inputs_say_what_to_do(tmp_path, capsys):
 
 
 def test_a_folder_out_gets_shards_that_train_reads_as_one_array(tmp_path, capsys):
-    from csrv2.data import ShardedArray
+    from csrv2.data.training import ShardedArray
 
     args = ["embed", "--data", "bbc-news", "--split", "test", "--max-rows", "6", "--max-seq-length", "32", "--no-progress"]
     assert main([*args, "--out", str(tmp_path / "one.npz")]) == 0

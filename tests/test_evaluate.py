@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from csrv2.codes import SparseCodes
-from csrv2.evaluate import TASKS, EmbeddedSet, hold_out, score, training_data
-from csrv2.reproduce import SuiteConfig, reproduce
+from csrv2.eval.suite import SuiteConfig, reproduce
+from csrv2.eval.tasks import TASKS, EmbeddedSet, hold_out, score, training_data
 
 
 def _set(**arrays) -> EmbeddedSet:

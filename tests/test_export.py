@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import csrv2
-from csrv2.backbone import TextBackbone, resolve_text_model
+from csrv2.data.backbones import TextBackbone, resolve_text_model
 from csrv2.errors import InputError
 from csrv2.export import export_sparse_encoder, read_sparse_encoder
 

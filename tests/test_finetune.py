@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import csrv2
-from csrv2.backbone import TextBackbone
 from csrv2.config import TrainConfig
+from csrv2.data.backbones import TextBackbone
 from csrv2.errors import InputError
 from csrv2.finetune import FinetuneConfig, finetune_text
 
@@ -146,14 +146,14 @@ def test_matryoshka_objective_writes_a_sentence_transformer(tmp_path, monkeypatc
 
 @pytest.fixture(scope="module")
 def digits():
-    from csrv2.datasets import load_digits_images
+    from csrv2.data.datasets import load_digits_images
 
     return load_digits_images(max_train=16, max_test=8)
 
 
 @pytest.mark.parametrize("objective", ["csrv2", "matryoshka"])
 def test_images_train_end_to_end_and_load_back(digits, objective, tmp_path):
-    from csrv2.backbone import ImageBackbone
+    from csrv2.data.backbones import ImageBackbone
     from csrv2.finetune import finetune_images, read_image_model
 
     backbone = ImageBackbone(image_size=32)
@@ -173,7 +173,7 @@ def test_images_train_end_to_end_and_load_back(digits, objective, tmp_path):
 
 
 def test_image_bad_inputs(digits, tmp_path):
-    from csrv2.backbone import ImageBackbone
+    from csrv2.data.backbones import ImageBackbone
     from csrv2.finetune import finetune_images, read_image_model
 
     with pytest.raises(InputError, match="trains every parameter"):

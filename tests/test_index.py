@@ -1,16 +1,18 @@
-"""csrv2.index: InvertedIndex search against a brute-force dense reference, add, files and bad input."""
+"""csrv2.search.index: InvertedIndex search against a brute-force dense reference, add, files and bad input."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import numpy as np
 import pytest
 
-import csrv2.index as index_module
+import csrv2.atomic as atomic
+import csrv2.search.index as index_module
 from csrv2.codes import SparseCodes
 from csrv2.errors import InputError
-from csrv2.index import InvertedIndex, pack_ids, unpack_ids
+from csrv2.search.index import InvertedIndex, pack_ids, unpack_ids
 
 
 def random_codes(n: int, dim: int, k: int, seed: int, levels=None, zero_frac: float = 0.1) -> SparseCodes:
@@ -223,11 +225,13 @@ def test_interrupted_save_keeps_the_old_file(saved, monkeypatch):
     queries = random_codes(10, 64, 2, seed=15)
     expected = old.search(queries, 5)
 
+    real_fdopen = os.fdopen
+
     class FailingFile:
         """A file whose second write fails, as on a full disk: the temporary file exists, half written."""
 
         def __init__(self, *args):
-            self.f, self.writes = open(*args), 0
+            self.f, self.writes = real_fdopen(*args), 0
 
         def __enter__(self):
             return self
@@ -241,7 +245,7 @@ def test_interrupted_save_keeps_the_old_file(saved, monkeypatch):
                 raise OSError(28, "No space left on device")
             return self.f.write(data)
 
-    monkeypatch.setattr(index_module, "open", FailingFile, raising=False)
+    monkeypatch.setattr(atomic.os, "fdopen", FailingFile)
     with pytest.raises(OSError, match="No space left"):
         InvertedIndex.build(random_codes(300, 64, 2, seed=16)).save(path)
     monkeypatch.undo()
@@ -297,8 +301,6 @@ def test_ids_pack_into_three_bytes_and_back():
 
 
 def test_more_than_2_pow_24_vectors_are_refused(monkeypatch):
-    import csrv2.index as index_module
-
     monkeypatch.setattr(index_module, "MAX_VECTORS", 4)
     codes = random_codes(3, 16, 2, seed=3)
     index = InvertedIndex.build(codes)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from csrv2 import InputError, InvertedIndex, SparseCodes
-from csrv2.index_torch import TorchIndex
+from csrv2.search.torch_index import TorchIndex
 
 
 def random_codes(n, dim, k, seed):

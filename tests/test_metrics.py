@@ -1,4 +1,4 @@
-"""csrv2.metrics: each metric against a value worked out by hand, dense vs scipy-sparse inputs, and the
+"""csrv2.eval.metrics: each metric against a value worked out by hand, dense vs scipy-sparse inputs, and the
 chunked paths against naive references."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import scipy.sparse
 
-import csrv2.metrics as metrics
+import csrv2.eval.metrics as metrics
 from csrv2.codes import SparseCodes
 from csrv2.errors import InputError
-from csrv2.metrics import (
+from csrv2.eval.metrics import (
     code_stats,
     dense_bytes_per_vector,
     logistic_regression_accuracy,

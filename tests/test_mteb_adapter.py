@@ -1,4 +1,4 @@
-"""csrv2.mteb_adapter: the encoders' outputs, and MTEB's own STS and classification evaluators run
+"""csrv2.eval.mteb_adapter: the encoders' outputs, and MTEB's own STS and classification evaluators run
 offline (`mteb.evaluate`) on registered task objects whose data is filled in here."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import torch
 mteb = pytest.importorskip("mteb")
 datasets = pytest.importorskip("datasets")
 
-from csrv2.codes import encode  # noqa: E402
-from csrv2.metrics import spearman  # noqa: E402
-from csrv2.mteb_adapter import CSRv2Encoder, dense_encoder, sparse_encoder, truncated_encoder  # noqa: E402
+from csrv2.eval.metrics import spearman  # noqa: E402
+from csrv2.eval.mteb_adapter import CSRv2Encoder, dense_encoder, sparse_encoder, truncated_encoder  # noqa: E402
+from csrv2.head import encode  # noqa: E402
 
 DIM = 64
 
@@ -110,7 +110,7 @@ def sts_task():
 
 def test_sts_through_mteb_matches_csrv2_spearman(sts_task, head):
     # MTEB's main STS score is the Spearman correlation of pair cosines with the gold scores, which is
-    # what csrv2.metrics.spearman computes: the two must agree on the same vectors.
+    # what csrv2.eval.metrics.spearman computes: the two must agree on the same vectors.
     first, second, gold = sts_data()
     x = bag_of_words(first + second)
     pairs = np.stack([np.arange(20), 20 + np.arange(20)], axis=1)

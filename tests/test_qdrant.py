@@ -1,4 +1,4 @@
-"""csrv2.qdrant: export to Qdrant's local mode, search it against InvertedIndex, collections and bad input."""
+"""csrv2.search.qdrant: export to Qdrant's local mode, search it against InvertedIndex, collections and bad input."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ qdrant_client = pytest.importorskip("qdrant_client")
 
 from csrv2.codes import SparseCodes  # noqa: E402
 from csrv2.errors import InputError  # noqa: E402
-from csrv2.index import InvertedIndex  # noqa: E402
-from csrv2.qdrant import VECTOR, export_codes, search_codes  # noqa: E402
+from csrv2.search.index import InvertedIndex  # noqa: E402
+from csrv2.search.qdrant import VECTOR, export_codes, search_codes  # noqa: E402
 
 
 def random_codes(n: int, dim: int, k: int, seed: int, zero_frac: float = 0.1) -> SparseCodes:
@@ -140,6 +140,6 @@ def test_metadata_checked(client):
 
 def test_missing_client_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "qdrant_client", None)  # makes `import qdrant_client` raise ImportError
-    monkeypatch.delitem(sys.modules, "csrv2.qdrant")
+    monkeypatch.delitem(sys.modules, "csrv2.search.qdrant")
     with pytest.raises(ImportError, match=r'pip install "csrv2\[qdrant\]"'):
-        importlib.import_module("csrv2.qdrant")
+        importlib.import_module("csrv2.search.qdrant")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from csrv2.report import markdown_table, plot_results, summarise, target_lines
+from csrv2.eval.report import markdown_table, plot_results, summarise, target_lines
 
 
 def _row(task, method, size, score, dead=None, nbytes=12.0):

@@ -1,11 +1,11 @@
-"""csrv2.selected_latents: the compiled backward against autograd, alone and inside step_losses."""
+"""csrv2.kernels: the compiled backward against autograd, alone and inside step_losses."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-import csrv2.selected_latents as sl
+import csrv2.kernels as sl
 from csrv2.config import TrainConfig
 from csrv2.trainer import step_losses
 

@@ -12,7 +12,7 @@ import torch
 
 import csrv2.trainer as trainer_module
 from csrv2.config import HeadConfig, TrainConfig
-from csrv2.data import TrainingData
+from csrv2.data.training import TrainingData
 from csrv2.head import SparseHead
 from csrv2.losses import pairs_contrastive_loss, self_contrastive_loss, supervised_contrastive_loss
 from csrv2.trainer import Trainer, step_losses, update_dead_counters

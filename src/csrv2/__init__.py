@@ -6,16 +6,19 @@
     head = csrv2.load("runs/my-head")
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import version
 
-from .codes import SparseCodes, encode  # noqa: E402
-from .config import HeadConfig, TrainConfig, preset  # noqa: E402
-from .data import TrainingData, load_training_data  # noqa: E402
-from .errors import InputError  # noqa: E402
-from .head import SparseHead  # noqa: E402
-from .index import InvertedIndex  # noqa: E402
-from .model import load_head as load, save_head as save  # noqa: E402
-from .trainer import Trainer, train  # noqa: E402
+__version__ = version("csrv2")
+
+from .codes import SparseCodes
+from .config import HeadConfig, TrainConfig, preset
+from .data.training import TrainingData, load_training_data
+from .errors import InputError
+from .head import SparseHead, encode
+from .model import load_head as load
+from .model import save_head as save
+from .search.index import InvertedIndex
+from .trainer import Trainer, train
 
 __all__ = [
     "HeadConfig",

@@ -7,17 +7,16 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from .config import PRESETS, HeadConfig, TrainConfig, field_docs
-from .datasets import DATASETS as DATASET_NAMES
-from .evaluate import TASKS
+from .data.datasets import DATASETS as DATASET_NAMES
+from .eval.suite import METHODS, SuiteConfig
+from .eval.tasks import TASKS
 from .finetune import FinetuneConfig
-from .reproduce import METHODS, SuiteConfig
 
 HEAD_OPTIONS = ("k", "hidden_dim", "k_aux", "normalize", "dead_threshold")
 # The TrainConfig fields end-to-end training reads (its contrastive form follows the data; it writes no checkpoints yet).
@@ -230,7 +229,7 @@ def _given(args: argparse.Namespace, names) -> dict:
 
 
 def run_train(args: argparse.Namespace) -> None:
-    from .data import load_training_data
+    from .data.training import load_training_data
     from .trainer import train
 
     data = load_training_data(args.embeddings, args.labels, args.documents)
@@ -252,9 +251,9 @@ def run_train(args: argparse.Namespace) -> None:
 
 
 def _encode_file(args: argparse.Namespace):
-    from .codes import encode
     from .config import resolve_device
-    from .data import load_array
+    from .data.training import load_array
+    from .head import encode
     from .model import load_head
 
     head = load_head(args.model, resolve_device(args.device))
@@ -270,13 +269,13 @@ def run_encode(args: argparse.Namespace) -> None:
 
 
 def run_index(args: argparse.Namespace) -> None:
-    from .index import InvertedIndex
+    from .search.index import InvertedIndex
 
     if (args.data is None) == (args.embeddings is None):
         raise ValueError("give --embeddings (vectors) or --data (texts to embed), one of the two")
     if args.data is not None:
-        from .corpus import build_text_index
-        from .embedding import texts_of
+        from .data.embed import texts_of
+        from .search.texts import build_text_index
 
         backbone, head = _text_model(args)
         texts = texts_of(args.data, split=args.split, text_column=args.text_column)
@@ -290,8 +289,8 @@ def run_index(args: argparse.Namespace) -> None:
 def _text_model(args: argparse.Namespace, backbone_options: bool = True):
     """(backbone, head) for texts: --model as a SparseEncoder folder (csrv2 finetune's or anyone's) brings both;
     with a csrv2 head folder the backbone is --backbone / --max-seq-length's (None unless backbone_options)."""
-    from .backbone import TextBackbone
     from .config import resolve_device
+    from .data.backbones import TextBackbone
     from .export import read_sparse_encoder
     from .model import load_head
 
@@ -309,14 +308,14 @@ def _text_model(args: argparse.Namespace, backbone_options: bool = True):
 
 
 def run_search(args: argparse.Namespace) -> None:
-    from .index import InvertedIndex
+    from .search.index import InvertedIndex
 
     if bool(args.texts) == (args.embeddings is not None):
         raise ValueError("give query texts or --queries (an embeddings file), one of the two")
     index = InvertedIndex.open(args.index)  # checked before the queries are encoded
     texts = None
     if args.texts:
-        from .corpus import query_backbone, read_texts, search_texts
+        from .search.texts import query_backbone, read_texts, search_texts
 
         info = read_texts(args.index, index)
         own, head = _text_model(args, backbone_options=False)  # a SparseEncoder folder brings its backbone
@@ -326,9 +325,9 @@ def run_search(args: argparse.Namespace) -> None:
     else:
         ids, scores = index.search(_encode_file(args), args.top_n)
     if args.out:
-        tmp = f"{args.out}.tmp.npz"
-        np.savez(tmp, ids=ids, scores=scores)
-        os.replace(tmp, args.out)
+        from .atomic import write_file
+
+        write_file(args.out, lambda f: np.savez(f, ids=ids, scores=scores))
     for q in range(min(len(ids), 10)):
         hits = [(i, s) for i, s in zip(ids[q], scores[q]) if i >= 0]
         label = repr(args.texts[q]) if args.texts else f"query {q}"
@@ -345,7 +344,7 @@ def run_search(args: argparse.Namespace) -> None:
 def run_embed(args: argparse.Namespace) -> None:
     from . import distributed
     from .config import resolve_device
-    from .embedding import embed_source, save_arrays, save_shard
+    from .data.embed import embed_source, save_arrays, save_shard
 
     out = Path(args.out)
     if out.suffix not in ("", ".npz") and not out.is_dir():
@@ -379,7 +378,7 @@ def run_embed(args: argparse.Namespace) -> None:
 
 
 def run_export(args: argparse.Namespace) -> None:
-    from .backbone import TextBackbone
+    from .data.backbones import TextBackbone
     from .export import export_sparse_encoder
     from .model import load_head, read_settings
 
@@ -391,8 +390,8 @@ def run_export(args: argparse.Namespace) -> None:
 
 
 def run_finetune(args: argparse.Namespace) -> None:
-    from .backbone import ImageBackbone, TextBackbone
-    from .embedding import read_source
+    from .data.backbones import ImageBackbone, TextBackbone
+    from .data.embed import read_source
     from .finetune import Finetuner
 
     items = read_source(args.data, **_source(args))
@@ -415,8 +414,8 @@ def run_finetune(args: argparse.Namespace) -> None:
 
 
 def run_reproduce(args: argparse.Namespace) -> None:
-    from .report import markdown_table, target_lines
-    from .reproduce import reproduce
+    from .eval.report import markdown_table, target_lines
+    from .eval.suite import reproduce
 
     config = SuiteConfig(**{name: tuple(v) if isinstance(v, list) else v for name, v in _given(args, [f.name for f in dataclasses.fields(SuiteConfig)]).items()})
     results = reproduce(config, progress=not args.no_progress)

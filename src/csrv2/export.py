@@ -14,10 +14,11 @@ import os
 from pathlib import Path
 from typing import Callable
 
-from .backbone import TextBackbone
+from .atomic import write_folder, write_json
+from .data.backbones import TextBackbone
 from .errors import InputError
 from .head import SparseHead
-from .model import SETTINGS_FILE, load_head, write_folder, write_json
+from .model import SETTINGS_FILE, load_head
 
 SAE_TYPE = "sentence_transformers.sparse_encoder.modules.sparse_auto_encoder.SparseAutoEncoder"
 

@@ -32,6 +32,7 @@ import math
 import os
 import shutil
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Literal
 
@@ -40,18 +41,28 @@ import torch
 from safetensors.torch import load_model, save_model
 from tqdm.auto import tqdm
 
-from . import __version__
 from . import distributed as dist
-from .backbone import ImageBackbone, TextBackbone
-from .baselines import MRL_DIMS, matryoshka_loss
+from .atomic import write_folder, write_json
 from .config import HeadConfig, TrainConfig, resolve_device, resolve_k_init
-from .data import class_ids
+from .data.backbones import ImageBackbone, TextBackbone
+from .data.training import class_ids
 from .errors import InputError
+from .eval.baselines import MRL_DIMS, matryoshka_loss
 from .export import to_sparse_encoder
 from .head import SparseHead
-from .model import SETTINGS_FILE, load_head, read_settings, write_folder, write_head_files, write_json
+from .model import SETTINGS_FILE, load_head, read_settings, write_head_files
 from .schedule import k_at_step
-from .trainer import LOG_FILE, STATE_FILE, epoch_order, latest_checkpoint, step_losses, tf32_matmuls, truncate_log, update_dead_counters, write_checkpoint
+from .trainer import (
+    LOG_FILE,
+    STATE_FILE,
+    epoch_order,
+    latest_checkpoint,
+    step_losses,
+    tf32_matmuls,
+    truncate_log,
+    update_dead_counters,
+    write_checkpoint,
+)
 
 BACKBONE_WEIGHTS = "backbone.safetensors"
 OBJECTIVES = ("csrv2", "matryoshka")
@@ -267,7 +278,7 @@ class Finetuner:
         return [self.items[i] for i in rows] + ([self.documents[i] for i in rows] if self.mode == "pairs" else [])
 
     def _settings(self) -> dict:
-        settings = {"csrv2_version": __version__, "train": self.cfg.to_dict(), "finetune": dataclasses.asdict(self.ft),
+        settings = {"csrv2_version": version("csrv2"), "train": self.cfg.to_dict(), "finetune": dataclasses.asdict(self.ft),
                     "backbone": self.backbone.name, "contrastive": self.mode, "samples": len(self.items),
                     "total_steps": self.total_steps, "step": self.step, "world_size": dist.world_size()}
         if self.head is not None:

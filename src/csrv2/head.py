@@ -1,4 +1,5 @@
-"""The CSR sparse head: a TopK sparse autoencoder with a decoder tied to its encoder.
+"""The CSR sparse head: a TopK sparse autoencoder with a decoder tied to its encoder, and `encode`, which
+turns (n, input_dim) embeddings into `SparseCodes` batch by batch.
 
     pre   = W (x - b_pre) + b_lat              (batch, hidden_dim)
     z     = ReLU(TopK_k(pre))                  k non-zeros per row at most
@@ -11,11 +12,15 @@ dead-latent counters, and `encode(x, k)` takes k as an argument.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
+from .codes import SparseCodes
 from .config import HeadConfig, check_k
+from .errors import InputError
 from .losses import gather_pays
 
 
@@ -138,3 +143,45 @@ class SparseHead(nn.Module):
             )
         top = self.preactivations(x.to(self.pre_bias.dtype)).topk(k, dim=-1)
         return top.indices, top.values.relu()
+
+
+def encode(
+    head: SparseHead,
+    embeddings: np.ndarray | torch.Tensor,
+    k: int | None = None,
+    *,
+    batch_size: int = 4096,
+    device: torch.device | str | None = None,
+    progress: bool | None = None,
+) -> SparseCodes:
+    """Encode (n, input_dim) embeddings (an array, memory map or tensor) into k-sparse codes.
+
+    Batched so memory stays bounded; shows a progress bar when there is more than one batch
+    (`progress=None`) or when asked. Raises `InputError` on a wrong dimension or non-finite values.
+    """
+    k = head.config.k if k is None else k
+    check_k(k, head.config.hidden_dim)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if embeddings.ndim != 2 or embeddings.shape[1] != head.config.input_dim:
+        raise InputError(
+            f"embeddings have shape {tuple(embeddings.shape)} but the model expects (n, {head.config.input_dim}); "
+            "encode embeddings made by the backbone the model was trained on"
+        )
+    device = torch.device(device) if device is not None else head.pre_bias.device
+    head = head.to(device)
+    n = embeddings.shape[0]
+    starts = range(0, n, batch_size)
+    show = len(starts) > 1 if progress is None else progress
+    indices = np.empty((n, k), dtype=np.int32)
+    values = np.empty((n, k), dtype=np.float32)
+    for start in tqdm(starts, desc="encode", unit="batch", disable=not show):
+        rows = embeddings[start : start + batch_size]
+        batch = rows.float() if isinstance(rows, torch.Tensor) else torch.from_numpy(np.array(rows, dtype=np.float32))
+        if not torch.isfinite(batch).all():
+            bad = start + int((~torch.isfinite(batch).all(dim=1)).nonzero()[0])
+            raise InputError(f"embeddings row {bad} has NaN or Inf values; drop or fix that row before encoding")
+        idx, val = head.encode(batch.to(device), k)
+        indices[start : start + len(batch)] = idx.cpu().numpy()
+        values[start : start + len(batch)] = val.float().cpu().numpy()
+    return SparseCodes(indices, values, head.config.hidden_dim)

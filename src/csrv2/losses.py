@@ -14,7 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from . import selected_latents
+from . import kernels
 
 
 def reconstruction_loss(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
@@ -64,12 +64,12 @@ def sparse_cosine_logits(q_idx: torch.Tensor, q_val: torch.Tensor, d_idx: torch.
 
     Few non-zeros: the d codes are zero-filled into a (dim, m) matrix and each q row sums the k rows of
     it that its indices pick (embedding_bag), n k m work instead of n dim m; the cost of a product of
-    zero-filled codes does not shrink with k. On CPUs with numba, selected_latents.sparse_dots meets only
+    zero-filled codes does not shrink with k. On CPUs with numba, kernels.sparse_dots meets only
     the non-zeros two codes share. Values need not be normalised; zero rows give 0.
     """
     q_val, d_val = F.normalize(q_val, dim=-1), F.normalize(d_val, dim=-1)
-    if selected_latents.available(q_val.device, q_val.dtype):
-        return selected_latents.sparse_dots(q_idx, q_val, d_idx, d_val, dim) / temperature
+    if kernels.available(q_val.device, q_val.dtype):
+        return kernels.sparse_dots(q_idx, q_val, d_idx, d_val, dim) / temperature
     if not gather_pays(q_idx.shape[1], dim, q_val.device):
         return sparse_to_dense(q_idx, q_val, dim) @ sparse_to_dense(d_idx, d_val, dim).T / temperature
     d_columns = torch.zeros(dim, len(d_idx), dtype=d_val.dtype, device=d_val.device).scatter(0, d_idx.T, d_val.T)  # (dim, m)

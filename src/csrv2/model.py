@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
+from .atomic import write_bytes, write_folder, write_json
 from .config import HeadConfig
 from .errors import InputError
 from .head import SparseHead
@@ -29,51 +27,13 @@ FOREIGN_TENSORS = ("decoder.linear.weight", "stats_last_nonzero")
 PICKLE_FILES = ("pytorch_model.bin", "model.pt", "model.pth", "checkpoint.pt", "checkpoint.pth")
 
 
-def write_json(path: Path, obj: dict) -> None:
-    """Write JSON to a temporary file beside `path`, then rename it over `path`."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-
-
 def write_head_files(head: SparseHead, folder: Path, settings: dict | None = None) -> None:
     """Write the three files into an existing folder, each atomically (weights first)."""
-    tmp = folder / f".{WEIGHTS_FILE}.tmp"
     tensors = {name: p.detach().to("cpu", torch.float32).contiguous() for name, p in head.named_parameters()}
-    save_file(tensors, str(tmp))
-    tmp.chmod(0o644)  # safetensors creates files private (0600); models are meant to be shared
-    os.replace(tmp, folder / WEIGHTS_FILE)
+    write_bytes(folder / WEIGHTS_FILE, save(tensors))
     write_json(folder / CONFIG_FILE, head.config.to_dict())
     if settings is not None:
         write_json(folder / SETTINGS_FILE, settings)
-
-
-def write_folder(out: str | os.PathLike, fill: Callable[[Path], None], overwrite: bool = False) -> Path:
-    """Build a folder with fill(tmp) in a temporary folder beside `out`, then rename it into place.
-
-    A failure leaves no half folder; an existing `out` is refused unless overwrite, and then replaced
-    only once the new one is whole.
-    """
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise InputError(f"{out}: already exists; choose another folder or pass --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes it private; the renamed folder should read like any other
-        fill(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)  # left by a crash between the two renames below
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
 
 
 def save_head(head: SparseHead, folder: str | os.PathLike, settings: dict | None = None) -> Path:

@@ -13,18 +13,18 @@ import math
 import os
 import shutil
 from contextlib import contextmanager, nullcontext
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import __version__
 from . import distributed as dist
-from . import selected_latents
+from . import kernels
+from .atomic import write_folder, write_json, write_text
 from .config import HeadConfig, TrainConfig, preset, resolve_device, resolve_k_init
-from .data import TrainingData, class_ids
+from .data.training import TrainingData, class_ids
 from .errors import InputError
 from .head import SparseHead
 from .losses import (
@@ -36,7 +36,7 @@ from .losses import (
     supervised_contrastive_from_logits,
     total_loss,
 )
-from .model import WEIGHTS_FILE, load_head, read_settings, save_head, write_folder, write_head_files, write_json
+from .model import WEIGHTS_FILE, load_head, read_settings, save_head, write_head_files
 from .schedule import k_at_step
 
 LOSS_NAMES = ("loss", "loss_k", "loss_4k", "loss_aux", "loss_cl")
@@ -66,16 +66,16 @@ def step_losses(
     never edits the pre-activations in place; the contrastive loss reads the single view of the
     codes, which the official recipe recomputes as an identical copy, and gathers its similarities.
     On CPUs with numba, selection, decoding and the whole backward of the head run compiled
-    (selected_latents.py): autograd's dense products and zero-filled buffers cost more than the sparse
+    (kernels.py): autograd's dense products and zero-filled buffers cost more than the sparse
     work they hold there.
     """
     h = head.config.hidden_dim
     x_in, mu, std = head.standardize(x)
-    compiled = selected_latents.available(x.device, head.weight.dtype)
+    compiled = kernels.available(x.device, head.weight.dtype)
     with torch.no_grad() if compiled else nullcontext():  # the compiled path builds the gradients itself
         pre = head.project(x_in)  # (n, h)
     if compiled:
-        idx_4k = selected_latents.top_latents(pre, k, min(4 * k, h))  # (n, 4k), the top-k first
+        idx_4k = kernels.top_latents(pre, k, min(4 * k, h))  # (n, 4k), the top-k first
         val_k = pre.gather(1, idx_4k[:, :k])  # before the ReLU: read only for `fired`, replaced by z below
     else:
         top = pre.topk(min(4 * k, h), dim=1)
@@ -89,7 +89,7 @@ def step_losses(
     dead = dead & ~fired
     if compiled:
         idx_aux = _dead_top(pre, dead, head.config.k_aux)  # (n, k_aux or fewer)
-        z, sum_k, sum_rest, sum_aux = selected_latents.select(
+        z, sum_k, sum_rest, sum_aux = kernels.select(
             x_in, head.pre_bias, head.weight, head.latent_bias, pre, torch.cat([idx_4k, idx_aux], 1),
             (k, idx_4k.shape[1] - k, idx_aux.shape[1]))
         val_k = z[:, :k]
@@ -140,7 +140,7 @@ def _dead_top(pre: torch.Tensor, dead: torch.Tensor, k_aux: int) -> torch.Tensor
     are dead) -> (n, min(k_aux, n_dead)) latent ids; reads the dead count, so for CPUs only."""
     dead_ids = dead.nonzero().squeeze(1)  # (n_dead,)
     count = min(k_aux, len(dead_ids))
-    return selected_latents.top_latents(pre, count, count, dead_ids) if count else dead_ids.new_zeros(len(pre), 0)
+    return kernels.top_latents(pre, count, count, dead_ids) if count else dead_ids.new_zeros(len(pre), 0)
 
 
 def _auxk_loss(head: SparseHead, sums: torch.Tensor, residual: torch.Tensor, std, any_dead: torch.Tensor) -> torch.Tensor:
@@ -328,7 +328,7 @@ class Trainer:
 
     def _settings(self) -> dict:
         return {
-            "csrv2_version": __version__,
+            "csrv2_version": version("csrv2"),
             "train": self.cfg.to_dict(),
             "k_init": self.k_init,
             "contrastive": self.mode,
@@ -432,9 +432,7 @@ def truncate_log(path: Path, step: int) -> None:
     if not path.exists():
         return
     kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    write_text(path, "".join(line + "\n" for line in kept))
 
 
 def train(

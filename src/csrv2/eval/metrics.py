@@ -15,9 +15,9 @@ import numpy as np
 import scipy.sparse
 import scipy.stats
 
-from .codes import SparseCodes
-from .errors import InputError
-from .index import InvertedIndex
+from ..codes import SparseCodes
+from ..errors import InputError
+from ..search.index import POSTING_BYTES
 
 CHUNK = 1024  # query rows per block of similarities
 # A cap, not a cost: lbfgs converged in 17-32 iterations on 1.7k MiniLM (384-d) BBC rows and on their
@@ -159,16 +159,16 @@ def code_stats(codes: SparseCodes) -> dict[str, float]:
 
     active_dims: mean number of non-zero values per code; dead_latents_pct: % of the dim latents
     non-zero in no code here; bytes_per_vector: what an `InvertedIndex` stores per code (a 3-byte id
-    and a float16 value per non-zero, 5 bytes each), without the index's 8 (dim + 1) bytes of posting
-    offsets, which all codes share and which would otherwise swamp the figure on a small set.
+    and a float16 value per non-zero, POSTING_BYTES each), without the index's 8 (dim + 1) bytes of
+    posting offsets, which all codes share and which would otherwise swamp the figure on a small set.
     """
-    index = InvertedIndex.build(codes)
+    nonzero = codes.values != 0
     used = np.zeros(codes.dim, dtype=bool)
-    used[codes.indices[codes.values != 0]] = True
+    used[codes.indices[nonzero]] = True
     return {
         "active_dims": float(codes.nnz_per_row().mean()) if len(codes) else 0.0,
         "dead_latents_pct": 100.0 * float((~used).mean()),
-        "bytes_per_vector": (index.ids.nbytes + index.values.nbytes) / len(codes) if len(codes) else float("nan"),
+        "bytes_per_vector": POSTING_BYTES * float(nonzero.sum()) / len(codes) if len(codes) else float("nan"),
     }
 
 

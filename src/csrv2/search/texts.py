@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .backbone import TextBackbone
-from .cache import EmbeddingCache
-from .codes import encode
-from .errors import InputError
-from .head import SparseHead
+from ..atomic import write_json
+from ..data.backbones import TextBackbone
+from ..data.cache import EmbeddingCache
+from ..errors import InputError
+from ..head import SparseHead, encode
 from .index import InvertedIndex
 
 
@@ -36,11 +36,8 @@ def build_text_index(head: SparseHead, backbone: TextBackbone, texts: list[str],
     """
     x = (cache or EmbeddingCache()).get(backbone, texts, progress=progress)
     index = InvertedIndex.build(encode(head, x, k, progress=progress), metric=metric)
-    path = texts_path(out)
-    tmp = path.with_name(f".{path.name}.tmp")
     info = {"backbone": backbone.name, "max_seq_length": backbone.max_seq_length, "identity": backbone.identity, "texts": list(texts)}
-    tmp.write_text(json.dumps(info))
-    os.replace(tmp, path)
+    write_json(texts_path(out), info, indent=None)
     index.save(out)
     return index
 

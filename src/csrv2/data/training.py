@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
+from ..errors import InputError
 
 NPZ_NAMES = "embeddings (+ labels), or queries and documents"
 

@@ -26,27 +26,28 @@ import hashlib
 import json
 import time
 from dataclasses import dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from . import __version__
-from .backbone import ImageBackbone, TextBackbone
+from ..atomic import write_json, write_text
+from ..codes import SparseCodes
+from ..config import HeadConfig, TrainConfig, preset, resolve_device
+from ..data.backbones import ImageBackbone, TextBackbone
+from ..data.cache import EmbeddingCache
+from ..data.datasets import load_dataset
+from ..export import read_sparse_encoder
+from ..finetune import FinetuneConfig, Finetuner, read_image_model
+from ..head import SparseHead, encode
+from ..model import load_head, read_settings, save_head
+from ..trainer import Trainer, latest_checkpoint
 from .baselines import load_matryoshka, save_matryoshka, train_matryoshka, truncate
-from .cache import EmbeddingCache
-from .codes import SparseCodes, encode
-from .config import HeadConfig, TrainConfig, preset, resolve_device
-from .datasets import load_dataset
-from .evaluate import DEFAULT_TASKS, TASKS, EmbeddedSet, Task, embed_dataset, hold_out, score, training_data, training_items
-from .export import read_sparse_encoder
-from .finetune import FinetuneConfig, Finetuner, read_image_model
-from .head import SparseHead
 from .metrics import code_stats, dense_bytes_per_vector
-from .model import load_head, read_settings, save_head, write_json
 from .report import markdown_table, plot_results, summarise, target_lines
-from .trainer import Trainer, latest_checkpoint
+from .tasks import DEFAULT_TASKS, TASKS, EmbeddedSet, Task, embed_dataset, hold_out, score, training_data, training_items
 
 DEFAULT_METHODS = ("dense", "mrl-truncate", "mrl-linear", "csr", "csrv2-linear")
 FINETUNED = ("csrv2-full", "mrl-finetuned")
@@ -172,7 +173,7 @@ class Suite:
         for task, method, size in bar:
             bar.set_postfix_str(f"{task.name} {method} {size}")
             rows.append(self.row(task, method, size))
-        results = {"settings": {**dataclasses.asdict(self.cfg), "backbone": self.text.name, "csrv2_version": __version__,
+        results = {"settings": {**dataclasses.asdict(self.cfg), "backbone": self.text.name, "csrv2_version": version("csrv2"),
                                 "data_sizes": {n: d.sizes for n, d in self.data.items()}},
                    "rows": rows, "summary": summarise(rows)}
         self.write(results)
@@ -202,7 +203,7 @@ class Suite:
     def row(self, task: Task, method: str, size: int) -> dict:
         """Score one (task, method, size), reusing the stored row when everything that makes it matches."""
         train_key = self.head_key(task.training_set, method, size)
-        key = _hash([task, self.hashes[task.dataset], train_key, method, size, __version__])
+        key = _hash([task, self.hashes[task.dataset], train_key, method, size, version("csrv2")])
         path = self.out / "rows" / task.name / f"{method}-{size}-{key}.json"
         if path.exists():
             try:
@@ -225,7 +226,7 @@ class Suite:
         # One Matryoshka head (or backbone) serves every prefix, so it depends on the whole list of sizes; a sparse head on its k alone.
         size = sorted(self.cfg.k) if method.startswith("mrl-") else size
         warm = [self.cfg.finetune_init] if method == "csrv2-full" and self.cfg.finetune_init != "random" else []
-        return _hash([self.hashes[training_set], method, size, self.budget_for(training_set, method), self.cfg.hidden_dim, __version__, *warm])
+        return _hash([self.hashes[training_set], method, size, self.budget_for(training_set, method), self.cfg.hidden_dim, version("csrv2"), *warm])
 
     def budget_for(self, training_set: str, method: str) -> dict:
         """The TrainConfig fields `method` trains with on `training_set` (plus backbone_lr for the end-to-end methods):
@@ -334,9 +335,7 @@ class Suite:
     def write(self, results: dict) -> None:
         write_json(self.out / "results.json", results)
         table = markdown_table(results)
-        tmp = self.out / ".results.md.tmp"
-        tmp.write_text(table + "\n\n" + "\n".join(target_lines(results)) + "\n")
-        tmp.replace(self.out / "results.md")
+        write_text(self.out / "results.md", table + "\n\n" + "\n".join(target_lines(results)) + "\n")
         plot_results(results, self.out)
 
 

@@ -18,16 +18,16 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
-from . import distributed as dist
-from .config import TrainConfig, resolve_device
-from .data import TrainingData
-from .errors import InputError
-from .losses import pairs_contrastive_from_logits, supervised_contrastive_from_logits
-from .model import write_json
-from .trainer import batch_embeddings, contrastive_mode, epoch_order
+from .. import distributed as dist
+from ..atomic import write_bytes, write_json
+from ..config import TrainConfig, resolve_device
+from ..data.training import TrainingData
+from ..errors import InputError
+from ..losses import pairs_contrastive_from_logits, supervised_contrastive_from_logits
+from ..trainer import batch_embeddings, contrastive_mode, epoch_order
 
 MRL_DIMS = (2, 4, 8, 16, 32, 64)
 MRL_CONFIG, MRL_WEIGHTS = "mrl.json", "mrl.safetensors"
@@ -126,10 +126,7 @@ def train_matryoshka(data: TrainingData, cfg: TrainConfig, dims: tuple[int, ...]
 def save_matryoshka(head: MatryoshkaHead, folder: str | os.PathLike) -> Path:
     """Write mrl.json + mrl.safetensors into folder (each written aside, then renamed)."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{MRL_WEIGHTS}.tmp"
-    save_file({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}, str(tmp))
-    os.replace(tmp, folder / MRL_WEIGHTS)
+    write_bytes(folder / MRL_WEIGHTS, save({k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()}))
     write_json(folder / MRL_CONFIG, {"input_dim": head.linear.in_features, "dims": list(head.dims)})
     return folder
 

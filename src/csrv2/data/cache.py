@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .backbone import Backbone
+from ..atomic import write_file, write_json
+from .backbones import Backbone
 
 
 def default_cache_dir() -> Path:
@@ -84,15 +85,11 @@ class EmbeddingCache:
         return x
 
     def _write(self, key: str, x: np.ndarray, info: dict) -> None:
-        self.folder.mkdir(parents=True, exist_ok=True)
         array, meta = self.folder / f"{key}.npy", self.folder / f"{key}.json"
-        tmp = array.with_name(f".{key}.{os.getpid()}.tmp.npy")
-        np.save(tmp, x)
-        info = {**info, "shape": list(x.shape), "sha256": _file_sha256(tmp)}
-        tmp_meta = meta.with_name(f".{key}.{os.getpid()}.tmp.json")
-        tmp_meta.write_text(json.dumps(info, indent=1))
-        os.replace(tmp, array)
-        os.replace(tmp_meta, meta)  # last: an entry without its final JSON is never trusted
+        write_file(array, lambda f: np.save(f, x))
+        # last: an entry without its final JSON is never trusted (and one whose file another process
+        # replaced since fails its sha256 and is rebuilt)
+        write_json(meta, {**info, "shape": list(x.shape), "sha256": _file_sha256(array)}, indent=1)
 
 
 __all__ = ["EmbeddingCache", "default_cache_dir", "fingerprint"]

@@ -12,8 +12,8 @@ Online (mteb downloads the tasks' data from the Hugging Face hub):
 
     import mteb
     import csrv2
-    from csrv2.backbone import TextBackbone
-    from csrv2.mteb_adapter import dense_encoder, sparse_encoder, truncated_encoder
+    from csrv2.data.backbones import TextBackbone
+    from csrv2.eval.mteb_adapter import dense_encoder, sparse_encoder, truncated_encoder
 
     backbone = TextBackbone()                                  # all-MiniLM-L6-v2, 384-d
     embed = lambda texts: backbone.embed(texts, progress=False)
@@ -30,7 +30,7 @@ dims) and by default skips what it finds there: give each backbone/head a distin
 `cache=None` (a sparse encoder's revision is a digest of the head's weights, so a retrained head is
 scored again). Prompts and instructions are ignored: the backbone sees the raw texts.
 MTEB's STS cosines are float32 (1 - distance): two codes that share no latent score 0 or about 1e-7,
-so MTEB ranks such ties by rounding noise where `csrv2.metrics.spearman` gives them average ranks.
+so MTEB ranks such ties by rounding noise where `csrv2.eval.metrics.spearman` gives them average ranks.
 """
 
 from __future__ import annotations
@@ -40,15 +40,14 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ..head import SparseHead, encode
 from .baselines import truncate
-from .codes import encode
-from .head import SparseHead
 
 try:
     from mteb.models import ModelMeta
     from mteb.models.abs_encoder import AbsEncoder
 except ImportError as e:
-    raise ImportError('csrv2.mteb_adapter needs mteb: pip install "mteb>=2.26"') from e
+    raise ImportError('csrv2.eval.mteb_adapter needs mteb: pip install "mteb>=2.26"') from e
 
 Embed = Callable[[list[str]], np.ndarray]
 Transform = Callable[[np.ndarray], np.ndarray]

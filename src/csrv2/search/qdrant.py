@@ -17,14 +17,14 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from .codes import SparseCodes
-from .errors import InputError
+from ..codes import SparseCodes
+from ..errors import InputError
 from .index import METRICS, check_codes, code_weights
 
 try:
     from qdrant_client import QdrantClient, models
 except ImportError as e:
-    raise ImportError('csrv2.qdrant needs qdrant-client: pip install "csrv2[qdrant]"') from e
+    raise ImportError('csrv2.search.qdrant needs qdrant-client: pip install "csrv2[qdrant]"') from e
 
 VECTOR = "csrv2"  # the collection's one named sparse vector
 
@@ -105,7 +105,7 @@ def search_codes(
     if top_n < 1:
         raise ValueError(f"top_n must be >= 1, got {top_n}")
     if not client.collection_exists(collection):
-        raise InputError(f"Qdrant collection {collection!r} does not exist; write it with csrv2.qdrant.export_codes")
+        raise InputError(f"Qdrant collection {collection!r} does not exist; write it with csrv2.search.qdrant.export_codes")
     meta = (getattr(client.get_collection(collection).config, "metadata", None) or {}).get("csrv2", {})
     if meta.get("dim", queries.dim) != queries.dim:
         raise InputError(f"queries have dim {queries.dim} but collection {collection!r} has dim {meta['dim']}; encode queries with the head that encoded it")

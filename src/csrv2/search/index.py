@@ -27,8 +27,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .codes import SparseCodes
-from .errors import InputError
+from ..atomic import write_file
+from ..codes import SparseCodes
+from ..errors import InputError
 
 try:  # the compiled search kernel is optional: `pip install "csrv2[fast]"`; numpy serves without it
     import numba
@@ -43,6 +44,7 @@ FIELDS = struct.Struct("<8sIIQQQ")  # magic, version, metric, dim, n, nnz; the c
 CRC = struct.Struct("<I")
 F16_MAX = float(np.finfo(np.float16).max)
 ID_BYTES = 3
+POSTING_BYTES = ID_BYTES + 2  # a 3-byte id and a float16 value per stored non-zero
 MAX_VECTORS = 2 ** (8 * ID_BYTES)
 CHUNK = 1 << 24  # bytes read at a time when verifying the checksum
 
@@ -318,18 +320,13 @@ class InvertedIndex:
         crc = zlib.crc32(fields)
         for piece in pieces:
             crc = zlib.crc32(piece, crc)
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                f.write(fields + CRC.pack(crc) + bytes(HEADER_SIZE - FIELDS.size - CRC.size))
-                for piece in pieces:
-                    f.write(piece)
-                f.flush()
-                os.fsync(f.fileno())  # the rename must not land before the data on a crash
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+
+        def write(f) -> None:
+            f.write(fields + CRC.pack(crc) + bytes(HEADER_SIZE - FIELDS.size - CRC.size))
+            for piece in pieces:
+                f.write(piece)
+
+        write_file(path, write)
 
     @classmethod
     def open(cls, path: str | os.PathLike, mmap: bool = True, verify: bool = True) -> InvertedIndex:

@@ -8,6 +8,8 @@ import os
 from collections import defaultdict
 from pathlib import Path
 
+from ..atomic import write_file
+
 LABELS = {"dense": "dense", "mrl-truncate": "MRL truncate", "mrl-linear": "MRL linear", "mrl-finetuned": "MRL finetuned",
           "csr": "CSR", "csrv2-linear": "CSRv2-linear", "csrv2-full": "CSRv2 (full)"}
 
@@ -141,10 +143,8 @@ def _legend(ax) -> None:
 def _save(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=120)
+    write_file(path, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
-    os.replace(tmp, path)
     return path
 
 

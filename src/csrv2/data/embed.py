@@ -12,10 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .backbone import ImageBackbone, TextBackbone
+from ..atomic import write_file
+from ..errors import InputError
+from .backbones import ImageBackbone, TextBackbone
 from .cache import EmbeddingCache
 from .datasets import DATASETS, LabelledImages, LabelledTexts, SimilarityPairs, TextPairs, load_dataset, read_images, read_pairs, read_table
-from .errors import InputError
 
 SPLITS = ("train", "test")
 
@@ -111,25 +112,12 @@ def npz_path(path: str | os.PathLike) -> Path:
 
 def save_shard(arrays: dict[str, np.ndarray], folder: str | os.PathLike, index: int) -> list[Path]:
     """Write each array as folder/NAME-{index:05d}.npy (to a temporary name, then renamed): one shard of a shard folder."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name, array in arrays.items():
-        path = folder / f"{name}-{index:05d}.npy"
-        tmp = folder / f".{path.stem}.tmp.npy"
-        np.save(tmp, np.asarray(array))
-        os.replace(tmp, path)
-        paths.append(path)
-    return paths
+    return [write_file(Path(folder) / f"{name}-{index:05d}.npy", lambda f, a=array: np.save(f, np.asarray(a))) for name, array in arrays.items()]
 
 
 def save_arrays(arrays: dict[str, np.ndarray], path: str | os.PathLike) -> Path:
     """Write the arrays as one .npz, to a temporary name and then renamed over `path`."""
-    path = npz_path(path)
-    tmp = path.with_name(f".{path.stem}.tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
-    return path
+    return write_file(npz_path(path), lambda f: np.savez(f, **arrays))
 
 
 __all__ = ["SPLITS", "embed_source", "npz_path", "read_source", "save_arrays", "save_shard", "texts_of"]

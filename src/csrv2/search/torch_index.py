@@ -16,7 +16,7 @@ import warnings
 import numpy as np
 import torch
 
-from .codes import SparseCodes
+from ..codes import SparseCodes
 from .index import InvertedIndex, query_weights, unpack_ids
 
 

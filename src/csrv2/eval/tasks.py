@@ -20,11 +20,11 @@ from typing import Callable, Literal
 
 import numpy as np
 
-from .backbone import Backbone
-from .cache import EmbeddingCache
-from .codes import SparseCodes
-from .data import TrainingData, class_ids
-from .datasets import LabelledImages, LabelledTexts, SimilarityPairs, TextPairs
+from ..codes import SparseCodes
+from ..data.backbones import Backbone
+from ..data.cache import EmbeddingCache
+from ..data.datasets import LabelledImages, LabelledTexts, SimilarityPairs, TextPairs
+from ..data.training import TrainingData, class_ids
 from .metrics import (
     logistic_regression_accuracy,
     nearest_neighbour_accuracy,
