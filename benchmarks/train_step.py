@@ -49,7 +49,7 @@ from csrv2.trainer import Trainer, step_losses, tf32_matmuls
 
 FIRE_EPS = 1e-5  # the official top_k counts a latent as fired when its top-k value exceeds this
 TOLERANCE = 1e-4  # first-step total loss: |ours - official| <= TOLERANCE * max(1, |official|)
-TF32_TOLERANCE = 1e-3  # the same with our products in TF32 (METHOD: tf32 products land near 3e-4 relative)
+TF32_TOLERANCE = 1e-3  # the same with our products in TF32 (TF32 products land near 3e-4 relative)
 
 
 # --- the official recipe's step, re-implemented ----------------------------------------------------

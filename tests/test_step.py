@@ -1,6 +1,6 @@
 """csrv2.trainer.step_losses against a naive dense reference, and the dead-latent bookkeeping.
 
-The 4k term guards against sentence-transformers' defect (PAPER.md): there the AuxK mask zeroed the
+The 4k term guards against sentence-transformers' defect (docs/method.md): there the AuxK mask zeroed the
 pre-activations in place and the 4k reconstruction decoded an empty code.
 """
 

@@ -66,7 +66,7 @@ def check_k(k: int, hidden_dim: int, name: str = "k") -> None:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """How a head is trained. Defaults are the paper's text recipe (PAPER.md)."""
+    """How a head is trained. Defaults are the paper's text recipe (docs/method.md)."""
 
     epochs: int = 10
     """Passes over the training data."""

@@ -1,7 +1,7 @@
 """End-to-end training: a backbone trained together with its objective, for texts and images.
 
 Two objectives, one loop, one budget:
-  csrv2       "CSRv2" of PAPER.md: backbone + TopK head. Each step embeds a batch with the backbone
+  csrv2       "CSRv2" of the paper: backbone + TopK head. Each step embeds a batch with the backbone
               (gradients on) and applies the head-only trainer's objective to those embeddings:
               reconstruction of the backbone's current embedding at k and 4k, AuxK, and the
               contrastive loss on the k-sparse codes (supervised with labels, pairs with
