@@ -55,6 +55,17 @@ def test_another_backbone_is_refused(tmp_path, backbone, head):
         query_backbone(None, None, None)
 
 
+def test_another_head_is_refused(tmp_path, backbone, head, make_head):
+    out = tmp_path / "i"
+    build_text_index(head, backbone, DOCS, out, cache=EmbeddingCache(tmp_path / "cache"), progress=False)
+    index = InvertedIndex.open(out)
+    assert index.head_digest == head.digest()[:32]  # recorded in the index file
+    other = make_head(input_dim=384, hidden_dim=256, k=8, seed=1, zero_biases=True)  # same shapes, other weights
+    with pytest.raises(InputError, match="this index was built with another head"):
+        search_texts(index, other, backbone, [DOCS[0]])
+    assert search_texts(index, head, backbone, [DOCS[0]], top_n=1)[0].tolist() == [[0]]
+
+
 def test_texts_file_must_match_the_index(tmp_path, backbone, head):
     out = tmp_path / "i"
     index = build_text_index(head, backbone, DOCS, out, cache=EmbeddingCache(tmp_path / "cache"), progress=False)

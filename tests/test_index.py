@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import zlib
 
 import numpy as np
 import pytest
@@ -65,10 +66,11 @@ SEARCH_PATHS = [False] + ([True] if importlib.util.find_spec("numba") else [])
 
 
 def assert_matches_reference(index: InvertedIndex, codes: SparseCodes, queries: SparseCodes, top_n: int):
-    ref_ids, ref_scores = brute_force_search(stored_dense(codes, index.metric), query_dense(queries, index.metric), top_n)
+    width = min(top_n, len(codes))  # results are never wider than the index
+    ref_ids, ref_scores = brute_force_search(stored_dense(codes, index.metric), query_dense(queries, index.metric), width)
     for compiled in SEARCH_PATHS:
         ids, scores = index.search(queries, top_n, compiled=compiled)
-        assert ids.shape == scores.shape == (len(queries), top_n) and ids.dtype == np.int64 and scores.dtype == np.float32
+        assert ids.shape == scores.shape == (len(queries), width) and ids.dtype == np.int64 and scores.dtype == np.float32
         np.testing.assert_array_equal(ids, ref_ids)
         np.testing.assert_allclose(scores, ref_scores, rtol=1e-6)
 
@@ -80,7 +82,7 @@ def test_search_matches_brute_force(k, metric):
     codes = random_codes(400, dim, k, seed=k)
     queries = random_codes(30, dim, k, seed=100 + k)
     index = InvertedIndex.build(codes, metric)
-    for top_n in (1, 10, 500):  # 500 > n: every row is padded
+    for top_n in (1, 10, 400, 500):  # 500 > n: capped at n = 400, rows with fewer candidates padded
         assert_matches_reference(index, codes, queries, top_n)
 
 
@@ -162,7 +164,7 @@ def test_save_open_round_trip(tmp_path, mmap):
     assert isinstance(opened.ids, np.memmap) == mmap and (len(opened), opened.dim, opened.metric) == (500, 300, "cosine")
     assert opened.bytes_per_vector() == index.bytes_per_vector() and opened.nbytes == index.nbytes
     queries = random_codes(25, 300, 2, seed=12)
-    for got, want in zip(opened.search(queries, 8), index.search(queries, 8)):
+    for got, want in zip(opened.search(queries, 8), index.search(queries, 8), strict=True):
         np.testing.assert_array_equal(got, want)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["codes.idx"]  # no temporary file left behind
 
@@ -172,8 +174,9 @@ def test_empty_index_round_trip(tmp_path):
     index.save(tmp_path / "e.idx")
     opened = InvertedIndex.open(tmp_path / "e.idx")
     assert len(opened) == 0 and opened.dim == 16 and np.isnan(opened.bytes_per_vector())
-    ids, scores = opened.search(random_codes(3, 16, 2, seed=13), 2)
-    assert (ids == -1).all() and np.isneginf(scores).all()
+    for compiled in SEARCH_PATHS:
+        ids, scores = opened.search(random_codes(3, 16, 2, seed=13), 2, compiled=compiled)
+        assert ids.shape == scores.shape == (3, 0)  # no wider than the index
 
 
 @pytest.fixture()
@@ -194,7 +197,7 @@ def rewrite(path, data: bytes):
     [
         (lambda b: b"PK\x03\x04" + b[4:], "not a csrv2 index file"),
         (lambda b: b[:3], "not a csrv2 index file"),
-        (lambda b: b[:8] + (1).to_bytes(4, "little") + b[12:], "format version 1, this csrv2 reads version 2"),
+        (lambda b: b[:8] + (1).to_bytes(4, "little") + b[12:], "format version 1, this csrv2 reads versions 2 to 3"),
         (lambda b: b[:40], "truncated"),
         (lambda b: b[:-10], "truncated"),
         (lambda b: b + b"\0" * 64, "truncated or damaged"),
@@ -207,6 +210,35 @@ def test_bad_files_raise_one_line(saved, damage, message):
     with pytest.raises(InputError, match=message) as e:
         InvertedIndex.open(rewrite(path, damage(data)))
     assert "\n" not in str(e.value) and str(path) in str(e.value)
+
+
+def test_version_2_files_still_open_and_do_not_know_their_head(saved):
+    """A version-2 file: the same arrays, a header without the head digest (the CRC right after nnz)."""
+    path, data = saved
+    _, _, metric, dim, n, nnz = index_module.FIELDS.unpack_from(data)
+    fields = index_module.FIELDS.pack(b"CSRV2IDX", 2, metric, dim, n, nnz)
+    crc = zlib.crc32(data[index_module.HEADER_SIZE :], zlib.crc32(fields))
+    header = fields + crc.to_bytes(4, "little")
+    v2 = InvertedIndex.open(rewrite(path, header + bytes(64 - len(header)) + data[64:]))
+    v3 = InvertedIndex.open(rewrite(path.with_suffix(".v3"), data))
+    assert v2.head_digest is None and (len(v2), v2.dim, v2.metric) == (200, 64, "ip")
+    queries = random_codes(10, 64, 2, seed=20)
+    for got, want in zip(v2.search(queries, 5), v3.search(queries, 5), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_the_head_digest_survives_save_add_and_open(tmp_path, make_head):
+    head = make_head(input_dim=8, hidden_dim=64, k=2)
+    digest = head.digest()
+    assert len(digest) == 64 and digest == make_head(input_dim=8, hidden_dim=64, k=2).digest()  # the same weights, the same digest
+    index = InvertedIndex.build(random_codes(30, 64, 2, seed=21), head_digest=digest)
+    index.add(random_codes(5, 64, 2, seed=22))  # codes added come from the same head
+    index.save(tmp_path / "i.idx")
+    assert InvertedIndex.open(tmp_path / "i.idx").head_digest == index.head_digest == digest[:32]
+    InvertedIndex.build(random_codes(3, 64, 2, seed=23)).save(tmp_path / "none.idx")
+    assert InvertedIndex.open(tmp_path / "none.idx").head_digest is None
+    with pytest.raises(ValueError, match="head_digest must be a hex digest"):
+        InvertedIndex.build(random_codes(3, 64, 2, seed=23), head_digest="not hex")
 
 
 def test_verify_false_skips_the_checksum(saved):
@@ -250,7 +282,7 @@ def test_interrupted_save_keeps_the_old_file(saved, monkeypatch):
         InvertedIndex.build(random_codes(300, 64, 2, seed=16)).save(path)
     monkeypatch.undo()
     assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temporary file left behind
-    for got, want in zip(InvertedIndex.open(path).search(queries, 5), expected):
+    for got, want in zip(InvertedIndex.open(path).search(queries, 5), expected, strict=True):
         np.testing.assert_array_equal(got, want)
 
 
@@ -266,7 +298,7 @@ def test_query_and_code_validation():
         values = codes.values.copy()
         values[3, 1] = bad
         broken = SparseCodes(codes.indices, values, 32)
-        for call in (lambda: index.search(broken, 3), lambda: InvertedIndex.build(broken), lambda: index.add(broken)):
+        for call in (lambda b=broken: index.search(b, 3), lambda b=broken: InvertedIndex.build(b), lambda b=broken: index.add(b)):
             with pytest.raises(InputError, match="row 3 has a negative, NaN or Inf value"):
                 call()
     assert len(index) == 20  # the failed add changed nothing

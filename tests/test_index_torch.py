@@ -48,8 +48,10 @@ def index_values(codes, metric, f16=True):
 def test_padding_and_bad_queries():
     codes = random_codes(5, 1000, 2, 0)
     index = TorchIndex(InvertedIndex.build(codes), "cpu")
-    ids, scores = index.search(random_codes(3, 1000, 2, 7), 8)  # at most 5 vectors, few shared latents
-    assert ids.shape == (3, 8) and (ids[:, 5:] == -1).all() and np.isneginf(scores[:, 5:]).all()
+    ids, scores = index.search(random_codes(3, 1000, 2, 7), 8)  # 5 vectors: 5 columns at most, few shared latents
+    assert ids.shape == (3, 5) and ((ids == -1) == np.isneginf(scores)).all() and (ids == -1).any()
+    ids, scores = index.search(codes, 10**12)  # uncapped: 12 TB of results
+    assert ids.shape == scores.shape == (5, 5) and (ids[:, 0] == np.arange(5)).all()
     with pytest.raises(InputError, match="queries have dim 10 but the index has dim 1000"):
         index.search(random_codes(2, 10, 2, 0), 3)
     with pytest.raises(ValueError, match="top_n"):

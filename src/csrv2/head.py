@@ -12,6 +12,8 @@ dead-latent counters, and `encode(x, k)` takes k as an argument.
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -48,6 +50,18 @@ class SparseHead(nn.Module):
     def weight(self) -> torch.Tensor:
         """W: (hidden_dim, input_dim); row j is latent j's encoder direction and decoder atom."""
         return self.encoder.weight
+
+    def digest(self) -> str:
+        """sha256 (64 hex digits) of the parameters' names, shapes and float32 bytes: the head's identity.
+
+        Equal for a head saved and loaded again (or moved between devices and dtypes that hold its values
+        exactly); different for another head of the same shape, whose codes would use other latents.
+        """
+        h = hashlib.sha256()
+        for name, tensor in sorted(self.named_parameters()):
+            h.update(f"{name}{list(tensor.shape)};".encode())
+            h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
 
     def standardize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """x: (batch, input_dim) -> (x', mu, std); identity unless config.normalize (as in sentence-transformers)."""

@@ -35,7 +35,6 @@ so MTEB ranks such ties by rounding noise where `csrv2.eval.metrics.spearman` gi
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any, Callable
 
 import numpy as np
@@ -116,11 +115,7 @@ def sparse_encoder(embed: Embed, head: SparseHead, k: int, name: str = "csrv2/un
 
     The revision is a digest of the head's weights unless given.
     """
-    digest = hashlib.sha256()
-    for key, tensor in sorted(head.state_dict().items()):
-        digest.update(key.encode())
-        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    fields.setdefault("revision", digest.hexdigest()[:12])
+    fields.setdefault("revision", head.digest()[:12])
     return CSRv2Encoder(embed, lambda x: encode(head, x, k, progress=False).to_dense(), name,
                         embed_dim=head.config.hidden_dim, model_type="sparse",
                         experiment_kwargs={"representation": "csrv2", "k": k}, **fields)

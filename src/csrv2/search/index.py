@@ -13,9 +13,17 @@ latents are evenly used), sums the contributions per vector (a merge of sorted l
 the top n with a partition: O(m log m) per query, whatever len(index) is.
 
 File (`save` / `open`): a 64-byte little-endian header
-    magic b"CSRV2IDX", version u32, metric u32 (0 ip, 1 cosine), dim u64, n u64, nnz u64, crc32 u32
+    magic b"CSRV2IDX", version u32 (3), metric u32 (0 ip, 1 cosine), dim u64, n u64, nnz u64,
+    head digest 16 bytes (the first half of `SparseHead.digest()`; zeros when unknown), crc32 u32
 then offsets, ids and values, each starting at a 64-byte-aligned offset (zero padding between), so
-`open` can memory-map them. The CRC-32 covers the header fields before it and everything after the header.
+`open` can memory-map them. The CRC-32 covers the header bytes before it and everything after the header.
+Version 2 files (no head digest: the CRC follows nnz) are still read; their head is unknown.
+
+A CRC-32 catches accidents, not a crafted file (anyone can recompute it), so `open` also checks the
+structure the search relies on (monotone offsets, ids < n <= 2^24, finite positive values), and the
+compiled kernel checks every list bound and id it uses, whatever the arrays hold. `open` reads the
+header, the checksum and the arrays through one open file, so a reader racing a `save` to the same path
+sees the old index or the new one, never a mix.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ import os
 import struct
 import zlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -31,22 +40,30 @@ from ..atomic import write_file
 from ..codes import SparseCodes
 from ..errors import InputError
 
+if TYPE_CHECKING:
+    from ..head import SparseHead
+
 try:  # the compiled search kernel is optional: `pip install "csrv2[fast]"`; numpy serves without it
     import numba
 except ImportError:
     numba = None
 
 MAGIC = b"CSRV2IDX"
-VERSION = 2  # 2: 3-byte ids (version 1 stored uint32 ids)
+VERSION = 3  # 3: the head's digest in the header; 2: 3-byte ids (version 1 stored uint32 ids)
+READS = (2, 3)  # the versions `open` reads
 METRICS = ("ip", "cosine")
 HEADER_SIZE = 64
-FIELDS = struct.Struct("<8sIIQQQ")  # magic, version, metric, dim, n, nnz; the crc32 (<I) follows
+FIELDS = struct.Struct("<8sIIQQQ")  # magic, version, metric, dim, n, nnz; then (version 3) the head digest, then the crc32
+DIGEST_BYTES = 16
 CRC = struct.Struct("<I")
 F16_MAX = float(np.finfo(np.float16).max)
 ID_BYTES = 3
 POSTING_BYTES = ID_BYTES + 2  # a 3-byte id and a float16 value per stored non-zero
 MAX_VECTORS = 2 ** (8 * ID_BYTES)
-CHUNK = 1 << 24  # bytes read at a time when verifying the checksum
+CHUNK = 1 << 24  # bytes (or array entries) read at a time when verifying the checksum and the structure
+# Kernel return codes: what made it stop before touching memory outside the arrays.
+KERNEL_ERRORS = {1: "a query latent outside [0, dim)", 2: "a posting list outside [0, nnz) or with decreasing offsets",
+                 3: "a stored id >= the index's n"}
 
 
 def _layout(dim: int, nnz: int) -> tuple[int, int, int, int]:
@@ -54,6 +71,47 @@ def _layout(dim: int, nnz: int) -> tuple[int, int, int, int]:
     ids_at = -(-(HEADER_SIZE + 8 * (dim + 1)) // 64) * 64
     values_at = -(-(ids_at + ID_BYTES * nnz) // 64) * 64
     return HEADER_SIZE, ids_at, values_at, values_at + 2 * nnz
+
+
+def _crc_at(version: int) -> int:
+    """Byte offset of the CRC-32 in a header of this version: after the fields, and the head digest from version 3."""
+    return FIELDS.size + (DIGEST_BYTES if version >= 3 else 0)
+
+
+def short_digest(digest: str | None) -> str | None:
+    """A head digest (hex, as `SparseHead.digest()`) -> its first 16 bytes as 32 hex digits, what an index keeps."""
+    if digest is None:
+        return None
+    try:
+        if len(digest) < 2 * DIGEST_BYTES:
+            raise ValueError
+        return bytes.fromhex(digest[: 2 * DIGEST_BYTES]).hex()
+    except (TypeError, ValueError):
+        raise ValueError(f"head_digest must be a hex digest (SparseHead.digest()) of {2 * DIGEST_BYTES}+ digits, got {digest!r}") from None
+
+
+def check_structure(offsets: np.ndarray, ids: np.ndarray, values: np.ndarray, n: int) -> str | None:
+    """What breaks the index's invariants, or None: offsets (dim+1,) from 0 to nnz and never decreasing,
+    ids (nnz, 3) all < n, values (nnz,) float16 finite and > 0 (`build` stores no zeros).
+
+    One pass in chunks of CHUNK entries, so a memory-mapped file is checked in bounded memory.
+    """
+    nnz = len(ids)
+    if len(values) != nnz or ids.ndim != 2 or ids.shape[1] != ID_BYTES:
+        return f"its ids are not ({len(values)}, {ID_BYTES}) like its values"
+    if len(offsets) < 1 or offsets[0] != 0 or offsets[-1] != nnz:
+        return "its offsets do not run from 0 to nnz"
+    for start in range(0, len(offsets) - 1, CHUNK):
+        if (np.diff(offsets[start : start + CHUNK + 1]) < 0).any():
+            return "its posting offsets decrease"
+    for start in range(0, nnz, CHUNK):
+        top = int(unpack_ids(ids[start : start + CHUNK]).max())
+        if top >= n:
+            return f"a stored id {top} is >= its n = {n}"
+        bits = np.asarray(values[start : start + CHUNK]).view(np.uint16)
+        if ((bits == 0) | (bits >= 0x7C00)).any():  # 0, or Inf/NaN (0x7C00..0x7FFF), or the sign bit: not finite and > 0
+            return "a stored value is zero, negative, NaN or Inf"
+    return None
 
 
 def pack_ids(ids: np.ndarray) -> np.ndarray:
@@ -101,7 +159,8 @@ def _postings(codes: SparseCodes, metric: str, first_id: int) -> tuple[np.ndarra
     used = check_codes(codes, "codes")
     w = code_weights(codes, metric)
     if (w > F16_MAX).any():
-        raise InputError(f"codes have values above {F16_MAX:g}, the float16 limit of the index; use metric='cosine' or scale the values down")
+        raise InputError(f"codes have values above {F16_MAX:g}, the float16 limit of the index; "
+                         "use metric='cosine' or scale the values down")
     w16 = w.astype(np.float16)
     rows, slots = np.nonzero(used & (w16 != 0))  # values below float16's smallest step round to 0: not indexed
     latents = codes.indices[rows, slots]
@@ -143,13 +202,23 @@ def _search_kernel(offsets, ids, bits, half, q_idx, q_val, scratch, out_ids, out
     the numpy path sums them; only the entries touched are read back and reset. The top-n is kept by insertion
     into the sorted rows of out_ids / out_scores (-1 / -inf on entry), ties to the smaller id.
     q_idx: (q, k) latents, q_val: (q, k) float32 weights, 0 for unused slots.
+    Returns 0, or a key of KERNEL_ERRORS as soon as a latent, list bound or id would reach outside the
+    arrays (numba does not check bounds): nothing is read or written out of bounds whatever they hold.
     """
     top_n = out_ids.shape[1]
+    dim, nnz, n = offsets.shape[0] - 1, min(ids.shape[0], bits.shape[0]), scratch.shape[0]
+    if ids.shape[1] < 3:
+        return 2
     for r in range(q_idx.shape[0]):
         total = 0
         for a in range(q_idx.shape[1]):
             if q_val[r, a] > 0:
-                total += offsets[q_idx[r, a] + 1] - offsets[q_idx[r, a]]
+                j = q_idx[r, a]
+                if j < 0 or j >= dim:
+                    return 1
+                if offsets[j] < 0 or offsets[j + 1] < offsets[j] or offsets[j + 1] > nnz:
+                    return 2
+                total += offsets[j + 1] - offsets[j]
         touched = np.empty(total, np.int64)
         m = 0
         for a in range(q_idx.shape[1]):
@@ -158,6 +227,10 @@ def _search_kernel(offsets, ids, bits, half, q_idx, q_val, scratch, out_ids, out
                 continue
             for p in range(offsets[q_idx[r, a]], offsets[q_idx[r, a] + 1]):
                 d = np.int64(ids[p, 0]) | (np.int64(ids[p, 1]) << 8) | (np.int64(ids[p, 2]) << 16)
+                if d >= n:
+                    for t in range(m):  # leave scratch all zeros, as the next call expects
+                        scratch[touched[t]] = 0.0
+                    return 3
                 if scratch[d] == 0.0:  # every contribution is > 0, so 0 means not seen yet
                     touched[m] = d
                     m += 1
@@ -170,7 +243,7 @@ def _search_kernel(offsets, ids, bits, half, q_idx, q_val, scratch, out_ids, out
             if kept < top_n:
                 pos = kept
                 kept += 1
-            elif score > out_scores[r, top_n - 1] or (score == out_scores[r, top_n - 1] and d < out_ids[r, top_n - 1]):
+            elif top_n > 0 and (score > out_scores[r, top_n - 1] or (score == out_scores[r, top_n - 1] and d < out_ids[r, top_n - 1])):
                 pos = top_n - 1
             else:
                 continue
@@ -180,18 +253,11 @@ def _search_kernel(offsets, ids, bits, half, q_idx, q_val, scratch, out_ids, out
                 pos -= 1
             out_scores[r, pos] = score
             out_ids[r, pos] = d
+    return 0
 
 
 if numba is not None:
     _search_kernel = numba.njit(cache=True)(_search_kernel)
-
-
-def _read(path: Path, dtype: str, offset: int, count: int, mmap: bool) -> np.ndarray:
-    if count == 0:
-        return np.zeros(0, dtype=dtype)  # np.memmap refuses empty maps
-    if mmap:
-        return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=(count,))
-    return np.fromfile(path, dtype=dtype, count=count, offset=offset)
 
 
 class InvertedIndex:
@@ -199,16 +265,21 @@ class InvertedIndex:
 
     offsets (dim + 1,) int64, ids (nnz, 3) uint8 (24-bit ids), values (nnz,) float16: see the module docstring.
     Build with `InvertedIndex.build(codes)`, read a saved one with `InvertedIndex.open(path)`.
+    head_digest: 32 hex digits, the first half of `SparseHead.digest()` of the head whose codes are
+    indexed, or None when unknown; `check_head` compares a head with it.
     """
 
-    def __init__(self, offsets: np.ndarray, ids: np.ndarray, values: np.ndarray, n: int, metric: str):
+    def __init__(self, offsets: np.ndarray, ids: np.ndarray, values: np.ndarray, n: int, metric: str, head_digest: str | None = None):
         self.offsets, self.ids, self.values, self.n, self.metric = offsets, ids, values, n, metric
+        self.head_digest = short_digest(head_digest)
         self._scratch: np.ndarray | None = None  # (n,) float64 accumulator of the compiled search; not thread-safe
 
     @classmethod
-    def build(cls, codes: SparseCodes, metric: str = "ip") -> InvertedIndex:
+    def build(cls, codes: SparseCodes, metric: str = "ip", head_digest: str | None = None) -> InvertedIndex:
         """Index (n, k) codes as vectors 0 .. n-1. "cosine" stores each code divided by its L2 norm.
 
+        head_digest: `head.digest()` of the head that encoded the codes, kept (its first 16 bytes) in the
+        index and its file so that `check_head` can refuse another head; None leaves it unknown.
         Explicit zeros are not indexed. `InputError` on negative, NaN or Inf values, latents outside
         [0, dim), a latent used twice in a code, or (metric "ip") values beyond float16's 65504.
         """
@@ -216,7 +287,17 @@ class InvertedIndex:
             raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
         if len(codes) > MAX_VECTORS:
             raise InputError(f"{len(codes)} codes exceed the index's {MAX_VECTORS} 3-byte ids; split them across indexes")
-        return cls(*_postings(codes, metric, 0), n=len(codes), metric=metric)
+        return cls(*_postings(codes, metric, 0), n=len(codes), metric=metric, head_digest=head_digest)
+
+    def check_head(self, head: SparseHead) -> None:
+        """`InputError` when `head` is not the one whose codes were indexed (its codes would land on other
+        latents and the hits would be silently wrong); nothing when it is, or when the index does not know its head."""
+        if self.head_digest is None:
+            return
+        given = short_digest(head.digest())
+        if given != self.head_digest:
+            raise InputError(f"this index was built with another head (digest {self.head_digest}, this model's {given}); "
+                             "search it with the model that built it")
 
     def add(self, codes: SparseCodes) -> None:
         """Append (m, k) codes as vectors len(self) .. len(self)+m-1.
@@ -259,20 +340,23 @@ class InvertedIndex:
         return self.nbytes / len(self) if len(self) else float("nan")
 
     def __repr__(self) -> str:
-        return f"InvertedIndex(n={len(self)}, dim={self.dim}, nnz={len(self.ids)}, metric={self.metric!r})"
+        return (f"InvertedIndex(n={len(self)}, dim={self.dim}, nnz={len(self.ids)}, metric={self.metric!r}, "
+                f"head_digest={self.head_digest!r})")
 
     def search(self, queries: SparseCodes, top_n: int, compiled: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Exact top-n: ids (q, top_n) int64 and scores (q, top_n) float32 for (q, k) queries.
+        """Exact top-n: ids (q, w) int64 and scores (q, w) float32 for (q, k) queries, w = min(top_n, len(self)).
 
         score = sum over shared latents of stored value (float16) x query value (float32; L2-normalised
         first for "cosine"); each product is exact in float64 and the sum is rounded once to float32.
         Rows are sorted by score, descending, ties by smaller id. Only vectors sharing a non-zero latent
-        with the query are candidates (the others score 0): when fewer than top_n exist, the row is
-        padded with id -1 and score -inf. Cost per query follows the postings of its latents.
+        with the query are candidates (the others score 0): when fewer than w exist, the row is
+        padded with id -1 and score -inf. No more than len(self) columns: a huge top_n costs no more
+        memory than the index's size. Cost per query follows the postings of its latents.
         `InputError` on a dim other than the index's or values `build` refuses; `ValueError` if top_n < 1.
         compiled: the numba kernel (default when numba is installed) or the numpy path; same results.
         """
         used, weights = query_weights(queries, self.dim, self.metric, top_n)
+        top_n = min(top_n, len(self))
         ids = np.full((len(queries), top_n), -1, dtype=np.int64)
         scores = np.full((len(queries), top_n), -np.inf, dtype=np.float32)
         if compiled is None:
@@ -282,16 +366,19 @@ class InvertedIndex:
                 raise ImportError('the compiled search needs numba: pip install "csrv2[fast]"')
             if self._scratch is None or len(self._scratch) != len(self):
                 self._scratch = np.zeros(len(self))  # kept between calls: a fresh one costs page faults per query
-            _search_kernel(np.asarray(self.offsets), np.asarray(self.ids), np.asarray(self.values).view(np.uint16), _HALF,
-                           queries.indices.astype(np.int64), weights, self._scratch, ids, scores)
+            error = _search_kernel(np.asarray(self.offsets), np.asarray(self.ids), np.asarray(self.values).view(np.uint16), _HALF,
+                                   queries.indices.astype(np.int64), weights, self._scratch, ids, scores)
+            if error:
+                raise InputError(f"the index's arrays are inconsistent ({KERNEL_ERRORS[error]}); "
+                                 "rebuild it from its codes, or read its file with InvertedIndex.open, which checks them")
             return ids, scores
         for r in range(len(queries)):
             latents = queries.indices[r][used[r]]
             starts, ends = self.offsets[latents], self.offsets[latents + 1]
             if latents.size == 0 or (ends == starts).all():
                 continue
-            doc = np.concatenate([unpack_ids(self.ids[s:e]) for s, e in zip(starts, ends)])
-            val = np.concatenate([self.values[s:e] for s, e in zip(starts, ends)]).astype(np.float64)
+            doc = np.concatenate([unpack_ids(self.ids[s:e]) for s, e in zip(starts, ends, strict=True)])
+            val = np.concatenate([self.values[s:e] for s, e in zip(starts, ends, strict=True)]).astype(np.float64)
             contrib = val * np.repeat(weights[r][used[r]].astype(np.float64), ends - starts)
             # Each list is sorted by id, so a stable sort merges k sorted runs (timsort: several
             # times faster here than np.unique's sort); equal ids then sit together and are summed.
@@ -312,9 +399,10 @@ class InvertedIndex:
         """
         path = Path(path)
         arrays = [np.ascontiguousarray(a, dtype=t).reshape(-1) for a, t in ((self.offsets, "<i8"), (self.ids, "u1"), (self.values, "<f2"))]
-        fields = FIELDS.pack(MAGIC, VERSION, METRICS.index(self.metric), self.dim, len(self), len(self.ids))
+        digest = bytes.fromhex(self.head_digest) if self.head_digest is not None else bytes(DIGEST_BYTES)
+        fields = FIELDS.pack(MAGIC, VERSION, METRICS.index(self.metric), self.dim, len(self), len(self.ids)) + digest
         pieces, at = [], HEADER_SIZE  # the payload: each array preceded by zero padding up to its aligned start
-        for start, a in zip(_layout(self.dim, len(self.ids)), arrays):
+        for start, a in zip(_layout(self.dim, len(self.ids))[:3], arrays, strict=True):
             pieces += [bytes(start - at), a.view(np.uint8)]
             at = start + a.nbytes
         crc = zlib.crc32(fields)
@@ -322,7 +410,7 @@ class InvertedIndex:
             crc = zlib.crc32(piece, crc)
 
         def write(f) -> None:
-            f.write(fields + CRC.pack(crc) + bytes(HEADER_SIZE - FIELDS.size - CRC.size))
+            f.write(fields + CRC.pack(crc) + bytes(HEADER_SIZE - len(fields) - CRC.size))
             for piece in pieces:
                 f.write(piece)
 
@@ -330,39 +418,78 @@ class InvertedIndex:
 
     @classmethod
     def open(cls, path: str | os.PathLike, mmap: bool = True, verify: bool = True) -> InvertedIndex:
-        """Read a file written by `save`; with mmap=True the arrays are read-only np.memmap views.
+        """Read a file written by `save` (format version 2 or 3); with mmap=True the arrays are read-only
+        np.memmap views of one mapping of the file, else they are read into memory.
 
-        Checks the magic bytes, the format version and the file size, then (verify=True) the CRC-32,
-        which streams the whole file once in 16 MiB chunks: pass verify=False to skip it on huge files
-        you trust. Each failure is an `InputError` naming the problem and the fix.
+        Checks the magic bytes, the format version, the header's counts and the file size, then
+        (verify=True) the CRC-32, which streams the whole file once in 16 MiB chunks, then the structure
+        (`check_structure`: one more pass over offsets, ids and values). verify=False skips the CRC only,
+        for huge files you trust. Header, checksum and arrays all come through one open file, so a `save`
+        to the same path meanwhile (a rename) cannot pair one version's header with another's arrays.
+        Each failure is a one-line `InputError` naming the problem and the fix.
         """
         path = Path(path)
         try:
-            size = path.stat().st_size
             with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
                 head = f.read(HEADER_SIZE)
+                version, metric, dim, n, nnz, digest = _check_header(path, head, size)
+                raw = _whole(path, f, size, mmap)
         except OSError as e:
             raise InputError(f"{path}: cannot be read ({e.strerror}); pass a file written by InvertedIndex.save") from e
-        if head[:8] != MAGIC:
-            raise InputError(f"{path}: not a csrv2 index file (bad magic bytes); pass a file written by InvertedIndex.save")
-        if len(head) < HEADER_SIZE:
-            raise InputError(f"{path}: truncated ({size} bytes, shorter than the {HEADER_SIZE}-byte header); save the index again")
-        _, version, metric, dim, n, nnz = FIELDS.unpack_from(head)
-        if version != VERSION:
-            raise InputError(f"{path}: written by index format version {version}, this csrv2 reads version {VERSION}; rebuild the index from its codes")
-        offsets_at, ids_at, values_at, expected = _layout(dim, nnz)
-        if size != expected:
-            raise InputError(f"{path}: truncated or damaged ({size} bytes, its header implies {expected}); save the index again")
+        crc_at = _crc_at(version)
         if verify:
-            crc = zlib.crc32(head[: FIELDS.size])
-            with open(path, "rb") as f:
-                f.seek(HEADER_SIZE)
-                while chunk := f.read(CHUNK):
-                    crc = zlib.crc32(chunk, crc)
-            if crc != CRC.unpack_from(head, FIELDS.size)[0]:
+            crc = zlib.crc32(raw[:crc_at])
+            for start in range(HEADER_SIZE, size, CHUNK):
+                crc = zlib.crc32(raw[start : start + CHUNK], crc)
+            if crc != CRC.unpack_from(raw, crc_at)[0]:
                 raise InputError(f"{path}: corrupted (checksum mismatch); save the index again from its codes")
-        offsets = _read(path, "<i8", offsets_at, dim + 1, mmap)
-        if metric >= len(METRICS) or offsets[0] != 0 or offsets[-1] != nnz:
-            raise InputError(f"{path}: corrupted (inconsistent header or offsets); save the index again from its codes")
-        ids, values = _read(path, "u1", ids_at, ID_BYTES * nnz, mmap).reshape(nnz, ID_BYTES), _read(path, "<f2", values_at, nnz, mmap)
-        return cls(offsets, ids, values, n=n, metric=METRICS[metric])
+        offsets_at, ids_at, values_at, _ = _layout(dim, nnz)
+        offsets = raw[offsets_at : offsets_at + 8 * (dim + 1)].view("<i8")
+        ids = raw[ids_at : ids_at + ID_BYTES * nnz].reshape(nnz, ID_BYTES)
+        values = raw[values_at : values_at + 2 * nnz].view("<f2")
+        if problem := check_structure(offsets, ids, values, n):
+            raise InputError(f"{path}: corrupted ({problem}); save the index again from its codes")
+        return cls(offsets, ids, values, n=n, metric=METRICS[metric], head_digest=digest)
+
+
+def _whole(path: Path, f, size: int, mmap: bool) -> np.ndarray:
+    """(size,) uint8: all of the open file `f`, one read-only np.memmap or read into memory, so that every array
+    comes from the file this descriptor opened even if a `save` renames another over `path` meanwhile."""
+    try:
+        if mmap:
+            raw = np.memmap(f, dtype=np.uint8, mode="r", shape=(size,))
+        else:
+            f.seek(0)
+            raw = np.fromfile(f, dtype=np.uint8, count=size)
+    except ValueError:  # np.memmap: the file is shorter than size by now
+        raw = None
+    if raw is None or len(raw) != size:  # only when the file itself is cut while being read, which save's rename never does
+        raise InputError(f"{path}: changed while being read; open it again")
+    return raw
+
+
+def _check_header(path: Path, head: bytes, size: int) -> tuple[int, int, int, int, int, str | None]:
+    """(version, metric, dim, n, nnz, head digest or None) of a file's first HEADER_SIZE bytes, after the checks
+    that need no more of the file: magic, version, metric, n within the 3-byte ids, nnz <= n dim, and its size."""
+    if head[:8] != MAGIC:
+        raise InputError(f"{path}: not a csrv2 index file (bad magic bytes); pass a file written by InvertedIndex.save")
+    if len(head) < HEADER_SIZE:
+        raise InputError(f"{path}: truncated ({size} bytes, shorter than the {HEADER_SIZE}-byte header); save the index again")
+    _, version, metric, dim, n, nnz = FIELDS.unpack_from(head)
+    if version not in READS:
+        raise InputError(f"{path}: written by index format version {version}, this csrv2 reads versions {READS[0]} to {READS[-1]}; "
+                         "rebuild the index from its codes")
+    if metric >= len(METRICS):
+        raise InputError(f"{path}: corrupted (unknown metric code {metric}); save the index again from its codes")
+    if n > MAX_VECTORS:
+        raise InputError(f"{path}: corrupted (its header claims {n} vectors, more than the {MAX_VECTORS} its 3-byte ids can name); "
+                         "save the index again from its codes")
+    if nnz > n * dim:
+        raise InputError(f"{path}: corrupted (its header claims {nnz} stored values for {n} vectors of dim {dim}); "
+                         "save the index again from its codes")
+    expected = _layout(dim, nnz)[3]
+    if size != expected:
+        raise InputError(f"{path}: truncated or damaged ({size} bytes, its header implies {expected}); save the index again")
+    digest = head[FIELDS.size : FIELDS.size + DIGEST_BYTES] if version >= 3 else bytes(DIGEST_BYTES)
+    return version, metric, dim, n, nnz, digest.hex() if any(digest) else None

@@ -4,7 +4,8 @@ the documents were embedded, and to print the hits' texts.
 Beside an index file INDEX lies `INDEX.texts.json`: the backbone's name, max_seq_length and identity
 (a digest of its weights and settings) and the documents' texts in id order. A search whose backbone
 has another identity is refused: its queries would land in another space and the hits would be
-silently wrong.
+silently wrong. The index file itself records the head's digest, and a search with another head is
+refused the same way.
 """
 
 from __future__ import annotations
@@ -29,13 +30,14 @@ def texts_path(index_path: str | os.PathLike) -> Path:
 
 def build_text_index(head: SparseHead, backbone: TextBackbone, texts: list[str], out: str | os.PathLike, *, k: int | None = None,
                      metric: str = "cosine", cache: EmbeddingCache | None = None, progress: bool = True) -> InvertedIndex:
-    """Embed texts (through the cache), encode them with head, index the codes and save index + texts at `out`.
+    """Embed texts (through the cache), encode them with head, index the codes (recording the head's digest)
+    and save index + texts at `out`.
 
     The texts file is written first, then the index, each atomically: an interrupted build leaves an
     old index with its old texts, or a new texts file the old index does not use (a search checks counts).
     """
     x = (cache or EmbeddingCache()).get(backbone, texts, progress=progress)
-    index = InvertedIndex.build(encode(head, x, k, progress=progress), metric=metric)
+    index = InvertedIndex.build(encode(head, x, k, progress=progress), metric=metric, head_digest=head.digest())
     info = {"backbone": backbone.name, "max_seq_length": backbone.max_seq_length, "identity": backbone.identity, "texts": list(texts)}
     write_json(texts_path(out), info, indent=None)
     index.save(out)
@@ -74,9 +76,13 @@ def query_backbone(info: dict | None, model: str | None, max_seq_length: int | N
 
 def search_texts(index: InvertedIndex, head: SparseHead, backbone: TextBackbone, queries: list[str], top_n: int = 10,
                  k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """ids, scores: (len(queries), top_n), as `InvertedIndex.search`, for query texts."""
+    """ids, scores: (len(queries), min(top_n, len(index))), as `InvertedIndex.search`, for query texts.
+
+    `InputError` when the index was built with another head (`InvertedIndex.check_head`) or a query is empty.
+    """
     if not queries or any(not q.strip() for q in queries):
         raise InputError("a query text is empty; pass at least one non-empty query")
+    index.check_head(head)
     return index.search(encode(head, backbone.embed(queries, progress=False), k, progress=False), top_n)
 
 

@@ -39,13 +39,14 @@ class TorchIndex:
             ).to(self.device)
 
     def search(self, queries: SparseCodes, top_n: int, batch_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
-        """Top-n ids (q, top_n) int64 and scores (q, top_n) float32, padded with -1 / -inf like `InvertedIndex.search`."""
+        """Top-n ids (q, w) int64 and scores (q, w) float32, w = min(top_n, n), padded with -1 / -inf like `InvertedIndex.search`."""
         ids, scores = self.search_tensors(queries, top_n, batch_size)
         return ids.cpu().numpy(), scores.cpu().numpy()
 
     def search_tensors(self, queries: SparseCodes, top_n: int, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
         """As `search`, with the results left on the device (one host synchronisation per batch, no copy back)."""
         _, weights = query_weights(queries, self.dim, self.metric, top_n)
+        top_n = min(top_n, self.n)  # as InvertedIndex.search: no wider than the index
         idx = torch.from_numpy(queries.indices.astype(np.int64)).to(self.device)
         val = torch.from_numpy(weights).to(self.device)
         out_ids, out_scores = [], []
