@@ -7,10 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import scipy.stats
 
 from csrv2.codes import SparseCodes
-from csrv2.eval.suite import SuiteConfig, reproduce
+from csrv2.eval.baselines import load_matryoshka, truncate
+from csrv2.eval.suite import Suite, SuiteConfig, reproduce
 from csrv2.eval.tasks import TASKS, EmbeddedSet, hold_out, score, training_data
+from csrv2.head import encode
+from csrv2.model import load_head
 
 
 def _set(**arrays) -> EmbeddedSet:
@@ -61,15 +65,47 @@ def suite_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("reproduce")
     config = SuiteConfig(tasks=("digits", "bbc-news", "lee50"), k=(2, 4), max_train=48, max_test=24, epochs=2,
                          max_seq_length=32, image_size=32, out=str(out / "run"), cache_dir=str(out / "cache"), device="cpu")
-    return config, reproduce(config, progress=False)
+    suite = Suite(config, progress=False)
+    return config, suite.run(), suite
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _representation(heads: Path, method: str, size: int):
+    """The function from dense embeddings to what `method` scores at `size`, read from the suite's saved heads."""
+    if method == "mrl-truncate":
+        return lambda x: truncate(x, size)
+    if method == "mrl-linear":
+        head = load_matryoshka(next(heads.glob("mrl-linear-*")))
+        return lambda x: head.encode(x, size)
+    head = load_head(next(heads.glob(f"{method}-k{size}-*")))
+    return lambda x: encode(head, x, size, progress=False)
 
 
 def test_reproduce_scores_every_method_and_writes_its_files(suite_run):
-    config, results = suite_run
+    config, results, suite = suite_run
     rows = results["rows"]
     assert len(rows) == 3 * (1 + 4 * 2)  # tasks x (dense + four methods at two sizes)
     assert {r["method"] for r in rows} == {"dense", "mrl-truncate", "mrl-linear", "csr", "csrv2-linear"}
-    assert all(-1 <= r["score"] <= 1 for r in rows)
+    assert all(r["score"] == r["metrics"][TASKS[r["task"]].metric] for r in rows)
+    dense = {r["task"]: r for r in rows if r["method"] == "dense"}
+    # The dense rows by hand on the suite's own embeddings: digits by cosine 1-NN, lee50 by Spearman of pair cosines.
+    digits = suite.data["digits"]
+    nearest = (_unit(digits.test) @ _unit(digits.train).T).argmax(axis=1)
+    assert dense["digits"]["score"] == np.mean(digits.train_labels[nearest] == digits.test_labels)
+    lee = suite.data["lee50"]
+    u = _unit(lee.test)
+    cosines = (u[lee.pairs[:, 0]] * u[lee.pairs[:, 1]]).sum(axis=1)
+    assert dense["lee50"]["score"] == pytest.approx(scipy.stats.spearmanr(cosines, lee.scores).statistic, abs=1e-12)
+    # Every other row is the score of its own method at its own size: truncation, or the head saved for it.
+    for r in rows:
+        task = TASKS[r["task"]]
+        if r["method"] != "dense":
+            represent = _representation(Path(config.out) / "heads" / task.training_set, r["method"], r["size"])
+            assert r["score"] == score(task, suite.data[task.dataset], represent)[0][task.metric], (r["task"], r["method"], r["size"])
     sparse = [r for r in rows if r["method"] in ("csr", "csrv2-linear")]
     assert all(r["active_dims"] <= r["size"] and 0 <= r["dead_latents_pct"] <= 100 for r in sparse)
     assert results["settings"]["data_sizes"]["news-retrieval"] == {"train_pairs": 48, "test_pairs": 24}
@@ -80,7 +116,7 @@ def test_reproduce_scores_every_method_and_writes_its_files(suite_run):
 
 
 def test_rerun_reuses_heads_and_rows_and_redoes_only_what_is_missing(suite_run):
-    config, results = suite_run
+    config, results, _ = suite_run
     out = Path(config.out)
     infos = sorted(out.glob("heads/*/*/train_info.json"))
     stamps = {p: p.stat().st_mtime_ns for p in infos}
@@ -100,8 +136,8 @@ def test_rerun_reuses_heads_and_rows_and_redoes_only_what_is_missing(suite_run):
 
 def test_reproduce_runs_the_end_to_end_methods_on_request(tmp_path):
     config = SuiteConfig(tasks=("digits", "bbc-news"), methods=("csrv2-linear", "csrv2-full", "mrl-finetuned"), k=(2, 4),
-                         finetune_k=(2, 4), max_train=24, max_test=12, epochs=1, finetune_epochs=1, finetune_batch_size=12, max_seq_length=16,
-                         image_size=32, out=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"), device="cpu")
+                         finetune_k=(2, 4), max_train=24, max_test=12, epochs=1, finetune_epochs=1, finetune_batch_size=12,
+                         max_seq_length=16, image_size=32, out=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"), device="cpu")
     rows = reproduce(config, progress=False)["rows"]
     assert [(r["task"], r["method"], r["size"]) for r in rows] == [
         (t, m, k) for t in ("digits", "bbc-news") for m in ("csrv2-linear", "csrv2-full", "mrl-finetuned") for k in (2, 4)]

@@ -31,11 +31,34 @@ def run(tmp_path_factory):
 
 
 def test_backbone_and_head_both_learn(run):
+    from csrv2.config import HeadConfig
+    from csrv2.data.training import class_ids
+    from csrv2.head import SparseHead
+    from csrv2.trainer import step_losses
+
     before, trained, head, _ = run
     unchanged = [n for n, p in trained.model.named_parameters() if torch.equal(p, before[n])]
     assert unchanged == ["0.model.pooler.dense.weight", "0.model.pooler.dense.bias"]  # BERT's pooler: unused by mean pooling
+    assert not trained.model.training and not head.training  # returned ready to embed: no dropout
     codes = csrv2.encode(head, trained.embed(TEXTS, progress=False), progress=False)
     assert codes.indices.shape == (6, 2) and (codes.values >= 0).all()
+
+    # The objective it optimises, on all six texts at the final k: the start (the packaged backbone and the
+    # seed's initial head) against the end; and the backbone's share of the gain (the trained head on frozen embeddings).
+    frozen = TextBackbone(max_seq_length=16)
+    assert all(torch.equal(p, before[n]) for n, p in frozen.model.named_parameters())
+    start = SparseHead(HeadConfig(384, 64, 2), torch.Generator().manual_seed(0))
+    labels = torch.from_numpy(class_ids(LABELS))
+
+    def objective(backbone, sparse_head) -> float:
+        x = torch.from_numpy(backbone.embed(TEXTS, progress=False))
+        with torch.no_grad():
+            losses, _ = step_losses(sparse_head, x, 2, torch.zeros(64, dtype=torch.bool), TrainConfig(), "supervised", labels)
+        return float(losses["loss"])
+
+    end = objective(trained, head)
+    assert end < 0.8 * objective(frozen, start)
+    assert end < 0.8 * objective(frozen, head)
 
 
 def test_result_is_a_sparse_encoder_with_the_same_codes(run, monkeypatch):

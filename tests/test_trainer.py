@@ -83,12 +83,28 @@ def test_annealing_and_presets_as_logged(tmp_path):
 
 
 def test_pairs_training_uses_the_pairs_loss(tmp_path):
+    from csrv2.head import SparseHead
+    from csrv2.losses import pairs_contrastive_loss, sparse_to_dense
+    from csrv2.trainer import epoch_order
+
     x, _ = clustered()
     docs = x + 0.05 * np.random.default_rng(1).normal(size=x.shape).astype(np.float32)
     head = train(x, documents=docs, out=tmp_path / "pairs", **SMALL)
     assert json.loads((tmp_path / "pairs" / "csrv2.json").read_text())["contrastive"] == "pairs"
-    assert all(r["loss_cl"] > 0 for r in log_lines(tmp_path / "pairs"))
     assert head.config.k == 2
+    # Step 1's logged loss_cl, recomputed: the seed's initial head, the first batch of epoch 0, k_init = 64 // 4,
+    # and the pairs loss of each query's k-sparse code against its own document's (the others in the batch are negatives).
+    start = SparseHead(HeadConfig(16, 64, 2), torch.Generator().manual_seed(0))
+    rows = np.sort(epoch_order(0, 0, len(x))[:32])
+
+    def codes(a: np.ndarray) -> torch.Tensor:  # (n, 16) -> (n, 64) zero-filled codes at k = 16
+        return sparse_to_dense(*start.encode(torch.from_numpy(a), 16), 64)
+
+    expected = float(pairs_contrastive_loss(codes(x[rows]), codes(docs[rows]), temperature=0.2))
+    first = log_lines(tmp_path / "pairs")[0]
+    assert (first["step"], first["k"]) == (1, 16)
+    assert first["loss_cl"] == pytest.approx(expected, rel=1e-5)
+    assert expected < np.log(32)  # documents are near-copies of their queries: far below chance over 32 candidates
 
 
 def test_dead_latents_are_counted_and_revived_by_auxk(tmp_path):

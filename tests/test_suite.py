@@ -1,0 +1,138 @@
+"""`csrv2 reproduce` on hand-made embeddings: exact scores, the row cache (reuse, rescoring on a change or damage), config checks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import csrv2.eval.suite as suite_module
+from csrv2.eval.suite import QUICK, SuiteConfig, reproduce
+from csrv2.eval.tasks import EmbeddedSet
+from csrv2.trainer import Trainer
+
+CLASSES, DIM = 4, 8
+
+
+def hand_made() -> EmbeddedSet:
+    """bbc-news as 4 tight clusters along the first 4 axes of 8 dims: 8 train and 4 test rows per class,
+    and one test row of each class labelled as the next class, so every representation that keeps the
+    clusters apart scores exactly 12 / 16 = 0.75."""
+    rng = np.random.default_rng(0)
+    centres = np.eye(DIM, dtype=np.float32)[:CLASSES]
+
+    def around(labels):
+        return centres[labels] + 0.05 * rng.normal(size=(len(labels), DIM)).astype(np.float32)
+
+    train_labels, test_labels = np.repeat(np.arange(CLASSES), 8), np.repeat(np.arange(CLASSES), 4)
+    test = around(test_labels)
+    wrong = test_labels.copy()
+    wrong[::4] = (wrong[::4] + 1) % CLASSES
+    return EmbeddedSet("bbc-news", around(train_labels), test, train_labels, wrong, sizes={"train": 32, "test": 16})
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """The suite reads `hand_made()` instead of embedding the packaged data and draws no plots; counts its trainings and scorings."""
+    counts = {"fit": 0, "score": 0}
+    fit, score = Trainer.fit, suite_module.score
+
+    def counted_fit(self):
+        counts["fit"] += 1
+        return fit(self)
+
+    def counted_score(*args, **kwargs):
+        counts["score"] += 1
+        return score(*args, **kwargs)
+
+    monkeypatch.setattr(suite_module, "load_dataset", lambda name, **sizes: name)
+    monkeypatch.setattr(suite_module, "embed_dataset", lambda dataset, backbone, cache, progress=True: hand_made())
+    monkeypatch.setattr(Trainer, "fit", counted_fit)
+    monkeypatch.setattr(suite_module, "score", counted_score)
+    monkeypatch.setattr(suite_module, "plot_results", lambda results, out: None)  # most of a run's time; test_report's subject
+    return counts
+
+
+def _config(tmp_path: Path, **fields) -> SuiteConfig:
+    return SuiteConfig(**{"tasks": ("bbc-news",), "methods": ("dense", "csrv2-linear"), "k": (2,), "epochs": 1, "device": "cpu",
+                          "out": str(tmp_path / "run"), "cache_dir": str(tmp_path / "cache"), **fields})
+
+
+def _rows(tmp_path: Path, pattern: str) -> list[Path]:
+    return sorted((tmp_path / "run" / "rows" / "bbc-news").glob(pattern))
+
+
+def _untimed(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if not k.endswith("_seconds")} for r in rows]
+
+
+def test_hand_made_scores_are_exact(tmp_path, calls):
+    rows = reproduce(_config(tmp_path), progress=False)["rows"]
+    assert [(r["method"], r["size"]) for r in rows] == [("dense", DIM), ("csrv2-linear", 2)]
+    dense = rows[0]
+    assert dense["metrics"] == {"accuracy": 0.75, "1nn_accuracy": 0.75} and dense["score"] == 0.75
+    assert (dense["active_dims"], dense["dead_latents_pct"], dense["bytes_per_vector"]) == (DIM, None, 4 * DIM)
+    assert rows[1]["train_steps"] == 1 and rows[1]["active_dims"] <= 2  # 32 rows, one batch of 128, one epoch
+
+
+def test_a_scored_row_is_stored_and_a_rerun_reuses_it(tmp_path, calls):
+    first = reproduce(_config(tmp_path), progress=False)["rows"]
+    assert calls == {"fit": 1, "score": 2}
+    stored = [*_rows(tmp_path, "dense-8-*.json"), *_rows(tmp_path, "csrv2-linear-2-*.json")]
+    assert len(stored) == 2 and len(_rows(tmp_path, "*")) == 2
+    assert [json.loads(p.read_text()) for p in stored] == first
+    again = reproduce(_config(tmp_path), progress=False)["rows"]
+    assert calls == {"fit": 1, "score": 2}  # nothing trained or scored again
+    assert again == first  # the stored rows, timings included
+
+
+def test_a_changed_setting_scores_again(tmp_path, calls):
+    first = reproduce(_config(tmp_path), progress=False)["rows"]
+    second = reproduce(_config(tmp_path, epochs=2), progress=False)["rows"]
+    # epochs change the trained head, so its row; the dense row does not depend on them and is reused
+    assert calls == {"fit": 2, "score": 3}
+    assert second[0] == first[0] and second[1]["train_steps"] == 2
+    assert len(_rows(tmp_path, "csrv2-linear-2-*.json")) == 2 and len(_rows(tmp_path, "dense-*.json")) == 1
+    reproduce(_config(tmp_path, k=(3,)), progress=False)  # another size: another head and row
+    assert calls == {"fit": 3, "score": 4}
+
+
+def test_a_damaged_row_is_scored_again(tmp_path, calls):
+    first = reproduce(_config(tmp_path), progress=False)["rows"]
+    (dense,) = _rows(tmp_path, "dense-*.json")
+    dense.write_text('{"task": "bbc-ne')  # as a crash mid-write would leave it without the atomic writer
+    again = reproduce(_config(tmp_path), progress=False)["rows"]
+    assert calls == {"fit": 1, "score": 3}  # the dense row scored again; the head and its row reused
+    assert _untimed(again) == _untimed(first)
+    assert _untimed([json.loads(dense.read_text())]) == _untimed(first[:1])  # and stored whole again
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"tasks": ("bbc-news", "imdb")}, r"unknown tasks \['imdb'\]; choose from bbc-news"),
+        ({"tasks": ()}, "unknown tasks"),
+        ({"methods": ("dense", "bm25")}, r"unknown methods \['bm25'\]; choose from dense"),
+        ({"methods": ()}, "unknown methods"),
+        ({"k": (2, 0)}, r"k must be positive sizes, got \(2, 0\)"),
+        ({"k": ()}, "k must be positive sizes"),
+        ({"finetune_k": (-1,)}, "finetune_k must be positive sizes"),
+        ({"max_train": 0}, "max_train must be >= 1"),
+        ({"epochs": 0}, "epochs must be >= 1"),
+    ],
+)
+def test_config_checks(fields, message):
+    with pytest.raises(ValueError, match=message):
+        SuiteConfig(**fields)
+
+
+def test_quick_replaces_only_the_fields_left_at_their_defaults():
+    plain = SuiteConfig(max_train=123)
+    assert plain.resolved() is plain  # without quick, the config runs as given
+    quick = SuiteConfig(quick=True).resolved()
+    assert (quick.max_train, quick.max_test, quick.k) == (QUICK["max_train"], QUICK["max_test"], QUICK["k"]) == (400, 200, (2, 8, 32))
+    assert quick.epochs == SuiteConfig().epochs  # QUICK leaves the training budget alone
+    mixed = SuiteConfig(quick=True, max_train=123, k=(4,)).resolved()
+    assert (mixed.max_train, mixed.max_test, mixed.k) == (123, 200, (4,))
