@@ -157,3 +157,12 @@ def test_encode_wrong_dimension_raises_input_error(make_head, shape):
     head = make_head(input_dim=8, hidden_dim=32)
     with pytest.raises(InputError, match="8"):
         encode(head, np.zeros(shape, np.float32), 2, progress=False)
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04 truncated zip", b"not a zip at all"])
+def test_load_refuses_damaged_files_in_one_line(tmp_path, content):
+    path = tmp_path / "codes.npz"
+    path.write_bytes(content)
+    with pytest.raises(InputError, match="not a csrv2 codes file") as e:
+        SparseCodes.load(path)
+    assert "\n" not in str(e.value)

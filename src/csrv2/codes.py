@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -74,5 +75,5 @@ class SparseCodes:
         try:
             with np.load(path, allow_pickle=False) as f:
                 return cls(f["indices"], f["values"], int(f["dim"]))
-        except (OSError, KeyError, ValueError) as e:
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as e:
             raise InputError(f"{path}: not a csrv2 codes file ({e}); write one with `csrv2 encode`") from e
