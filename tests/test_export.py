@@ -51,7 +51,7 @@ def test_export_keeps_the_six_keys_and_csrv2_settings_apart(trained):
 def test_csrv2_reads_the_folder_back(trained):
     backbone, head, x, out = trained
     backbone2, head2 = read_sparse_encoder(out)
-    for (name, a), (_, b) in zip(head.named_parameters(), head2.named_parameters()):
+    for (name, a), (_, b) in zip(head.named_parameters(), head2.named_parameters(), strict=True):
         torch.testing.assert_close(a, b, msg=name)
     np.testing.assert_allclose(backbone2.embed(TEXTS, progress=False), x, atol=1e-6)
 
