@@ -166,3 +166,43 @@ def test_load_refuses_damaged_files_in_one_line(tmp_path, content):
     with pytest.raises(InputError, match="not a csrv2 codes file") as e:
         SparseCodes.load(path)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("array", [
+    np.ones((4, 8), np.int64), np.ones((4, 8), bool), np.ones((4, 8), np.complex64), np.ones((4, 8), np.uint8),
+    torch.ones(4, 8, dtype=torch.int32), torch.ones(4, 8, dtype=torch.bool), torch.ones(4, 8, dtype=torch.complex64),
+], ids=["int64", "bool", "complex64", "uint8", "torch int32", "torch bool", "torch complex64"])
+def test_encode_refuses_non_float_dtypes_like_training(make_head, array):
+    with pytest.raises(InputError, match=r"^embeddings have dtype \S+; embeddings must be float16/32/64$"):
+        encode(make_head(), array, progress=False)
+
+
+@pytest.mark.parametrize("array", [np.zeros((0, 8), np.float32), torch.zeros(0, 8)], ids=["numpy", "torch"])
+def test_encode_refuses_no_rows(make_head, array):
+    with pytest.raises(InputError, match="^embeddings has no rows; pass at least one embedding$"):
+        encode(make_head(), array, progress=False)
+
+
+def test_encode_accepts_half_and_double_precision(make_head, embeddings):
+    head, x = make_head(), embeddings(6, 8).half().float()  # values exact in every float type
+    expected = encode(head, x, progress=False)
+    for array in (x.double(), x.numpy().astype(np.float64), x.half(), x.numpy().astype(np.float16)):
+        codes = encode(head, array, progress=False)
+        np.testing.assert_array_equal(codes.indices, expected.indices)
+        np.testing.assert_array_equal(codes.values, expected.values)
+
+
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_encode_refuses_float64_beyond_float32_range_naming_the_row(make_head, embeddings, as_tensor):
+    x = embeddings(10, 8).double()
+    x[6, 3] = 1e300  # finite in float64, inf once cast to float32
+    with pytest.raises(InputError, match=r"^embeddings row 6 has values beyond float32's range"):
+        encode(make_head(), x if as_tensor else x.numpy(), batch_size=4, progress=False)
+
+
+def test_encode_never_returns_non_finite_codes(make_head, embeddings):
+    head = make_head()
+    with torch.no_grad():
+        head.encoder.weight.mul_(1e37)  # finite weights whose products with ordinary inputs overflow float32
+    with pytest.raises(InputError, match=r"row \d+ gives non-finite codes: the model's pre-activations overflow float32"):
+        encode(head, embeddings(3, 8) * 100, progress=False)

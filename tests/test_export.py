@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -51,7 +53,7 @@ def test_export_keeps_the_six_keys_and_csrv2_settings_apart(trained):
 def test_csrv2_reads_the_folder_back(trained):
     backbone, head, x, out = trained
     backbone2, head2 = read_sparse_encoder(out)
-    for (name, a), (_, b) in zip(head.named_parameters(), head2.named_parameters()):
+    for (name, a), (_, b) in zip(head.named_parameters(), head2.named_parameters(), strict=True):
         torch.testing.assert_close(a, b, msg=name)
     np.testing.assert_allclose(backbone2.embed(TEXTS, progress=False), x, atol=1e-6)
 
@@ -75,8 +77,6 @@ def test_foreign_folders_are_refused(trained, tmp_path):
         read_sparse_encoder(tmp_path)
     with pytest.raises(InputError, match="not a SparseAutoEncoder"):
         read_sparse_encoder(resolve_text_model(None)[0])  # a dense sentence-transformers model
-    import shutil
-
     bad = tmp_path / "bad"
     shutil.copytree(out, bad)
     module = json.loads((bad / "modules.json").read_text())[-1]["path"]
@@ -96,3 +96,20 @@ def test_cli_export(trained, tmp_path, capsys):
     assert main(args) == 0
     assert json.loads((tmp_path / "st" / "csrv2.json").read_text())["train"] == {"epochs": 3}
     assert main(args) == 2 and "already exists" in capsys.readouterr().err
+
+
+def test_backbone_with_only_pickled_weights_is_refused(trained, tmp_path):
+    _, _, _, out = trained
+    bad = tmp_path / "bad"
+    transformer = out / json.loads((out / "modules.json").read_text())[0]["path"]
+    shutil.copytree(out, bad, ignore=lambda folder, names: ["model.safetensors"] if Path(folder) == transformer else [])
+    (bad / transformer.relative_to(out) / "pytorch_model.bin").write_bytes(b"\x80\x04fake pickle")
+    with pytest.raises(InputError, match=r"pytorch_model.bin, a pickle.*safe_serialization=True"):
+        read_sparse_encoder(bad)
+
+
+@pytest.mark.parametrize("text", ["{", "{}", '[{"type": "x"}]'])
+def test_broken_modules_json_is_one_line(tmp_path, text):
+    (tmp_path / "modules.json").write_text(text)
+    with pytest.raises(InputError, match="modules.json"):
+        read_sparse_encoder(tmp_path)

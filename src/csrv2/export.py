@@ -9,13 +9,12 @@ gives its backbone and a csrv2 `SparseHead`.
 
 from __future__ import annotations
 
-import json
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 from .atomic import write_folder, write_json
-from .data.backbones import TextBackbone
+from .data.backbones import SAFE_MODEL_KWARGS, TextBackbone, check_safetensors_only, read_modules
 from .errors import InputError
 from .head import SparseHead
 from .model import SETTINGS_FILE, load_head
@@ -29,7 +28,10 @@ def to_sparse_encoder(backbone: TextBackbone, head: SparseHead):
     from sentence_transformers.sparse_encoder.modules import SparseAutoEncoder
 
     if backbone.dim != head.config.input_dim:
-        raise InputError(f"the head reads {head.config.input_dim}-d embeddings but {backbone.name} makes {backbone.dim}-d; export it with its own backbone")
+        raise InputError(
+            f"the head reads {head.config.input_dim}-d embeddings but {backbone.name} makes {backbone.dim}-d; "
+            "export it with its own backbone"
+        )
     sae = SparseAutoEncoder(**head.config.to_dict())
     missing, unexpected = sae.load_state_dict({name: p.detach().cpu() for name, p in head.named_parameters()}, strict=False)
     if unexpected or set(missing) - {"stats_last_nonzero", "decoder.linear.weight"}:
@@ -56,19 +58,19 @@ def read_sparse_encoder(folder: str | os.PathLike) -> tuple[TextBackbone, Sparse
     """The backbone (every module before the head) and the head of a SparseEncoder folder.
 
     `InputError` when the folder is not a sentence-transformers model, does not end in a
-    SparseAutoEncoder, or that module's config has other keys than its six.
+    SparseAutoEncoder, that module's config has other keys than its six, or a module's weights
+    are only in a pickle (csrv2 loads weights only from safetensors).
     """
     folder = Path(folder)
-    try:
-        modules = json.loads((folder / "modules.json").read_text())
-    except (OSError, ValueError) as e:
-        raise InputError(f"{folder}: not a sentence-transformers folder (no readable modules.json: {e}); pass a SparseEncoder folder") from e
+    modules = read_modules(folder)
     if not modules or modules[-1].get("type") != SAE_TYPE:
-        raise InputError(f"{folder}: its last module is {modules[-1].get('type') if modules else 'missing'}, not a SparseAutoEncoder; pass a CSR/CSRv2 SparseEncoder folder")
+        last = modules[-1].get("type") if modules else "missing"
+        raise InputError(f"{folder}: its last module is {last}, not a SparseAutoEncoder; pass a CSR/CSRv2 SparseEncoder folder")
     head = load_head(folder / modules[-1]["path"])  # checks the six keys and the safetensors weights
+    check_safetensors_only(folder)
     from sentence_transformers import SentenceTransformer, SparseEncoder
 
-    encoder = SparseEncoder(str(folder), device="cpu", local_files_only=True)
+    encoder = SparseEncoder(str(folder), device="cpu", local_files_only=True, model_kwargs=SAFE_MODEL_KWARGS)
     return TextBackbone.from_model(SentenceTransformer(modules=list(encoder)[:-1], device="cpu"), str(folder)), head
 
 

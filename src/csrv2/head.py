@@ -168,10 +168,12 @@ def encode(
     device: torch.device | str | None = None,
     progress: bool | None = None,
 ) -> SparseCodes:
-    """Encode (n, input_dim) embeddings (an array, memory map or tensor) into k-sparse codes.
+    """Encode (n, input_dim) float embeddings (an array, memory map or tensor) into k-sparse codes.
 
     Batched so memory stays bounded; shows a progress bar when there is more than one batch
-    (`progress=None`) or when asked. Raises `InputError` on a wrong dimension or non-finite values.
+    (`progress=None`) or when asked. Raises `InputError` on a wrong dimension or dtype, no rows,
+    values that are not finite in float32 (NaN, Inf, or float64 beyond float32's range), and on codes
+    that would not be finite, so no NaN code is ever returned.
     """
     k = head.config.k if k is None else k
     check_k(k, head.config.hidden_dim)
@@ -182,20 +184,56 @@ def encode(
             f"embeddings have shape {tuple(embeddings.shape)} but the model expects (n, {head.config.input_dim}); "
             "encode embeddings made by the backbone the model was trained on"
         )
+    dtype = embeddings.dtype
+    if not (dtype.is_floating_point if isinstance(dtype, torch.dtype) else np.issubdtype(dtype, np.floating)):
+        raise InputError(f"embeddings have dtype {dtype}; embeddings must be float16/32/64")
+    n = embeddings.shape[0]
+    if n == 0:
+        raise InputError("embeddings has no rows; pass at least one embedding")
     device = torch.device(device) if device is not None else head.pre_bias.device
     head = head.to(device)
-    n = embeddings.shape[0]
     starts = range(0, n, batch_size)
     show = len(starts) > 1 if progress is None else progress
     indices = np.empty((n, k), dtype=np.int32)
     values = np.empty((n, k), dtype=np.float32)
     for start in tqdm(starts, desc="encode", unit="batch", disable=not show):
         rows = embeddings[start : start + batch_size]
-        batch = rows.float() if isinstance(rows, torch.Tensor) else torch.from_numpy(np.array(rows, dtype=np.float32))
-        if not torch.isfinite(batch).all():
-            bad = start + int((~torch.isfinite(batch).all(dim=1)).nonzero()[0])
-            raise InputError(f"embeddings row {bad} has NaN or Inf values; drop or fix that row before encoding")
+        batch = float32_rows(rows)
+        check_finite_rows(rows, batch, start)
         idx, val = head.encode(batch.to(device), k)
+        val = val.float()
+        if not torch.isfinite(val).all():
+            bad = start + int((~torch.isfinite(val).all(dim=1)).nonzero()[0])
+            raise InputError(
+                f"embeddings row {bad} gives non-finite codes: the model's pre-activations overflow float32; "
+                "check that the model's weights and the embeddings have ordinary magnitudes"
+            )
         indices[start : start + len(batch)] = idx.cpu().numpy()
-        values[start : start + len(batch)] = val.float().cpu().numpy()
+        values[start : start + len(batch)] = val.cpu().numpy()
     return SparseCodes(indices, values, head.config.hidden_dim)
+
+
+def float32_rows(rows: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """rows: (b, d) float array or tensor -> (b, d) float32 tensor; values beyond float32's range become inf (no warning)."""
+    if isinstance(rows, torch.Tensor):
+        return rows.float()
+    with np.errstate(over="ignore"):  # the overflow is reported by check_finite_rows, naming the row
+        return torch.from_numpy(np.array(rows, dtype=np.float32))
+
+
+def check_finite_rows(rows: np.ndarray | torch.Tensor, batch: torch.Tensor, start: int) -> None:
+    """Raise `InputError` naming the first row of batch (b, d), rows cast to float32, that is not finite.
+
+    The check reads the cast values, so a float64 row that is finite but beyond float32's range is
+    caught too; `rows`, the values before the cast, only tell which of the two faults it is.
+    """
+    finite = torch.isfinite(batch).all(dim=1)
+    if finite.all():
+        return
+    i = int((~finite).nonzero()[0])
+    row = rows[i]
+    if bool(torch.isfinite(row).all() if isinstance(row, torch.Tensor) else np.isfinite(row).all()):
+        raise InputError(
+            f"embeddings row {start + i} has values beyond float32's range (|x| > 3.4e38); scale or fix that row before encoding"
+        )
+    raise InputError(f"embeddings row {start + i} has NaN or Inf values; drop or fix that row before encoding")

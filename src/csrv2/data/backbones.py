@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import json
 import os
 from functools import cached_property
 from pathlib import Path
@@ -29,6 +30,9 @@ DEFAULT_TEXT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 IMAGE_MODEL = "efficientnet-lite0"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+# transformers then loads only model.safetensors and never unpickles; model_kwargs exists since sentence-transformers 3.0
+SAFE_MODEL_KWARGS = {"use_safetensors": True}
 
 
 def resolve_text_model(spec: str | os.PathLike | None) -> tuple[str, bool]:
@@ -51,10 +55,38 @@ def resolve_text_model(spec: str | os.PathLike | None) -> tuple[str, bool]:
                 f"{path} is not a sentence-transformers model folder (no modules.json); "
                 "pass a folder written by SentenceTransformer.save, or a hub name"
             )
+        check_safetensors_only(path)
         return str(path), True
     if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
         raise InputError(f"model folder {spec} does not exist; pass an existing folder or a hub name such as {DEFAULT_TEXT_MODEL}")
     return spec, False
+
+
+def read_modules(folder: Path) -> list[dict]:
+    """The module list of a sentence-transformers folder's modules.json, each entry a dict with a "path"."""
+    try:
+        modules = json.loads((folder / "modules.json").read_text())
+    except (OSError, ValueError) as e:
+        raise InputError(f"{folder}: not a sentence-transformers folder (no readable modules.json: {e}); pass one its save wrote") from e
+    if not isinstance(modules, list) or not all(isinstance(m, dict) and isinstance(m.get("path"), str) for m in modules):
+        raise InputError(f"{folder}/modules.json: is not a list of modules, each with a path; save the model with sentence-transformers")
+    return modules
+
+
+def check_safetensors_only(folder: Path) -> None:
+    """Raise `InputError` when a module's folder (the top level for the transformer, usually) holds pickled
+    weights (pytorch_model.bin, *.pt, ...) and no *.safetensors: loading would unpickle them, and
+    csrv2 loads weights only from safetensors."""
+    for module in read_modules(folder):
+        where = folder / module["path"]
+        if not where.is_dir() or any(where.glob("*.safetensors")):
+            continue
+        pickles = sorted(p.name for p in where.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
+        if pickles:
+            raise InputError(
+                f"{where}: has weights only in {pickles[0]}, a pickle, and csrv2 loads weights only from safetensors; "
+                "convert it where you trust the file: load it and call model.save_pretrained(path, safe_serialization=True)"
+            )
 
 
 def _hash_module(digest, module: torch.nn.Module) -> None:
@@ -71,7 +103,9 @@ class TextBackbone:
     longer texts are truncated, which is what makes long documents affordable on a CPU.
     """
 
-    def __init__(self, model: str | os.PathLike | None = None, device: str = "cpu", max_seq_length: int | None = None, batch_size: int = 32):
+    def __init__(
+        self, model: str | os.PathLike | None = None, device: str = "cpu", max_seq_length: int | None = None, batch_size: int = 32
+    ):
         self.source, self.local = resolve_text_model(model)
         self.name = DEFAULT_TEXT_MODEL if model is None else str(model)
         self.device, self.max_seq_length, self.batch_size = device, max_seq_length, batch_size
@@ -92,7 +126,7 @@ class TextBackbone:
         from sentence_transformers import SentenceTransformer
 
         try:
-            model = SentenceTransformer(self.source, device=self.device, local_files_only=self.local)
+            model = SentenceTransformer(self.source, device=self.device, local_files_only=self.local, model_kwargs=SAFE_MODEL_KWARGS)
         except OSError as e:
             raise InputError(f"cannot load sentence-transformers model {self.name!r} ({e}); pass a local model folder when offline") from e
         if self.max_seq_length is not None:
@@ -173,7 +207,9 @@ class ImageBackbone:
             try:
                 load_model(model, str(self.weights))
             except (OSError, RuntimeError, ValueError) as e:
-                raise InputError(f"{self.weights}: not EfficientNet-Lite0 weights in safetensors ({e}); pass a file finetune.py wrote") from e
+                raise InputError(
+                    f"{self.weights}: not EfficientNet-Lite0 weights in safetensors ({e}); pass a file finetune.py wrote"
+                ) from e
         return model.eval().to(self.device)
 
     @cached_property
@@ -202,7 +238,7 @@ class ImageBackbone:
         if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[3] != 3) or len(images) == 0:
             raise InputError(f"images have shape {images.shape}; pass (n, H, W) gray or (n, H, W, 3) colour images, n >= 1")
         out = np.empty((len(images), self.dim), dtype=np.float32)
-        self.model  # loaded outside inference mode, or its weights could never be trained
+        _ = self.model  # loaded outside inference mode, or its weights could never be trained
         with torch.inference_mode():
             for start in tqdm(range(0, len(images), self.batch_size), desc="embed images", unit="batch", disable=not progress):
                 batch = self.forward(images[start : start + self.batch_size])
@@ -212,4 +248,4 @@ class ImageBackbone:
 
 Backbone = TextBackbone | ImageBackbone
 
-__all__ = ["DEFAULT_TEXT_MODEL", "IMAGE_MODEL", "Backbone", "ImageBackbone", "TextBackbone", "resolve_text_model"]
+__all__ = ["DEFAULT_TEXT_MODEL", "IMAGE_MODEL", "Backbone", "ImageBackbone", "TextBackbone", "check_safetensors_only", "resolve_text_model"]
