@@ -184,3 +184,71 @@ def test_finetune_help_shows_the_k_it_uses(capsys):
         main(["finetune", "--help"])
     help_k = capsys.readouterr().out.split("\n  --k K", 1)[1].split("\n  --", 1)[0]  # its entry, not the usage line
     assert "(default: 2)" in " ".join(help_k.split())
+
+
+def test_query_text_that_is_not_utf8_is_one_line(files, model, capsys):
+    # argv that is not UTF-8 reaches Python as lone surrogates (PEP 383); a tokenizer would raise a TypeError on them
+    run = subprocess.run([sys.executable, "-m", "csrv2", "search", "--index", str(files / "none.index"), "--model", str(model), b"\xff"],
+                         capture_output=True, text=True)
+    assert run.returncode == 2 and run.stderr.count("\n") == 1 and "Traceback" not in run.stderr, run.stderr
+    assert run.stderr.startswith("csrv2: error: query 1") and "not UTF-8 text" in run.stderr
+    assert "not UTF-8 text" in error_of(capsys, ["search", "--index", str(files / "none.index"), "--model", str(model), "ok", "caf\udce9"])
+
+
+def test_encode_refuses_empty_and_non_float_arrays_before_writing(files, model, capsys):
+    encode = ["encode", "--model", str(model), "--out", str(files / "c.npz")]
+    np.save(files / "none.npy", np.zeros((0, 16), np.float32))
+    assert "has no rows" in error_of(capsys, [*encode, "--embeddings", str(files / "none.npy")])
+    for dtype in (np.int64, np.complex64):
+        np.save(files / "odd.npy", np.ones((4, 16), dtype))
+        err = error_of(capsys, [*encode, "--embeddings", str(files / "odd.npy")])
+        assert f"embeddings have dtype {np.dtype(dtype)}; embeddings must be float16/32/64" in err  # the message train gives
+    assert main(["index", "build", "--model", str(model), "--embeddings", str(files / "e.npy"), "--out", str(files / "x.index")]) == 0
+    assert "has no rows" in error_of(capsys, ["search", "--index", str(files / "x.index"), "--model", str(model),
+                                              "--queries", str(files / "none.npy")])
+    assert not (files / "c.npz").exists()
+
+
+def test_an_output_folder_is_refused_before_any_work(files, model, capsys, monkeypatch):
+    import csrv2.model
+
+    (files / "out.npz").mkdir()
+    monkeypatch.setattr(csrv2.model, "encode", lambda *a, **k: pytest.fail("encoded before the output was checked"))
+    for argv in (["encode", "--embeddings", str(files / "e.npy"), "--out", str(files / "out.npz")],
+                 ["index", "build", "--embeddings", str(files / "e.npy"), "--out", str(files / "out.npz")],
+                 ["search", "--index", str(files / "none.index"), "--queries", str(files / "e.npy"), "--out", str(files / "out.npz")]):
+        assert "out.npz: is a folder; pass a file path" in error_of(capsys, [*argv, "--model", str(model)])
+    assert list((files / "out.npz").iterdir()) == []
+
+
+def test_finetune_passes_k_through_so_k_below_one_is_refused(files, capsys):
+    table = files / "t.csv"
+    table.write_text("text,label\n" + "".join(f"text number {i},{i % 2}\n" for i in range(4)))
+    argv = ["finetune", "--data", str(table), "--out", str(files / "ft"), "--epochs", "1", "--no-progress"]
+    for k in ("0", "-1"):
+        assert main([*argv, "--k", k]) == 2
+        # the last line: loading the backbone's weights may draw a progress bar (transformers') above it
+        assert capsys.readouterr().err.splitlines()[-1] == f"csrv2: error: k must be an integer in [1, hidden_dim=1536], got {k}"
+    assert not (files / "ft").exists()
+
+
+def test_finetune_k_default_lives_in_one_place():
+    import inspect
+
+    from csrv2.finetune import DEFAULT_K, Finetuner
+
+    assert inspect.signature(Finetuner).parameters["k"].default == DEFAULT_K == 2
+
+
+def test_main_says_every_bad_input_error_in_one_line(capsys, monkeypatch):
+    import csrv2.cli
+
+    errors = [UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"), FileNotFoundError("no such file: x"),
+              ValueError("first line\nsecond line")]
+    for error in errors:
+        def fail(args, error=error):
+            raise error
+
+        monkeypatch.setitem(csrv2.cli.COMMANDS, "export", fail)
+        err = error_of(capsys, ["export", "--model", "m", "--out", "o"])
+        assert err.removeprefix("csrv2: error: ") == " ".join(str(error).splitlines())

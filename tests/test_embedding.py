@@ -18,7 +18,8 @@ def cache(tmp_path, monkeypatch):
 
 def test_packaged_split_becomes_a_training_file(tmp_path, capsys):
     out = tmp_path / "bbc.npz"
-    args = ["embed", "--data", "bbc-news", "--split", "test", "--max-rows", "6", "--max-seq-length", "32", "--out", str(out), "--no-progress"]
+    args = ["embed", "--data", "bbc-news", "--split", "test", "--max-rows", "6", "--max-seq-length", "32", "--out", str(out),
+            "--no-progress"]
     assert main(args) == 0
     assert "embeddings (6, 384), labels (6,)" in capsys.readouterr().out
     data = load_training_data(out)
@@ -74,3 +75,37 @@ def test_a_folder_out_gets_shards_that_train_reads_as_one_array(tmp_path, capsys
     (tmp_path / "shards" / "labels-00001.npy").unlink()
     with pytest.raises(ValueError, match="labels-00001.npy is missing"):
         load_training_data(tmp_path / "shards")
+
+
+def test_files_that_are_not_utf8_are_one_line(tmp_path, capsys):
+    for name, body in (("bad.jsonl", b'{"text": "caf\xe9", "label": "a"}\n'), ("bad.csv", b"text,label\ncaf\xe9,a\n")):
+        (tmp_path / name).write_bytes(body)
+        assert main(["embed", "--data", str(tmp_path / name), "--out", str(tmp_path / "x.npz")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and name in err and "UTF-8" in err, err
+    assert not (tmp_path / "x.npz").exists()
+
+
+def test_an_npz_out_that_is_a_folder_is_refused_before_embedding(tmp_path, capsys, monkeypatch):
+    import csrv2.data.embed
+
+    monkeypatch.setattr(csrv2.data.embed, "embed_source", lambda *a, **k: pytest.fail("embedded before the output was checked"))
+    (tmp_path / "x.npz").mkdir()
+    assert main(["embed", "--data", "bbc-news", "--out", str(tmp_path / "x.npz")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "x.npz: is a folder" in err
+
+
+def test_embed_to_returns_the_arrays_and_the_shard_count(tmp_path):
+    from csrv2.data.embed import embed_to
+
+    table = tmp_path / "t.csv"
+    table.write_text("text,label\nhello there,a\ngood night,b\n")
+    arrays, shards = embed_to(tmp_path / "one.npz", str(table), max_seq_length=16, progress=False)
+    assert shards == 0 and arrays["embeddings"].shape == (2, 384) and list(arrays["labels"]) == ["a", "b"]
+    arrays, shards = embed_to(tmp_path / "dir", str(table), max_seq_length=16, progress=False)
+    assert shards == 1 and sorted(p.name for p in (tmp_path / "dir").iterdir()) == ["embeddings-00000.npy", "labels-00000.npy"]
+    with pytest.raises(ValueError, match="already holds shards"):
+        embed_to(tmp_path / "dir", str(table), max_seq_length=16, progress=False)
+    embed_to(tmp_path / "dir", str(table), max_seq_length=16, progress=False, overwrite=True)
+    np.testing.assert_array_equal(np.load(tmp_path / "dir" / "embeddings-00000.npy"), np.load(tmp_path / "one.npz")["embeddings"])

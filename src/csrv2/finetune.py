@@ -66,6 +66,7 @@ from .trainer import (
 
 BACKBONE_WEIGHTS = "backbone.safetensors"
 OBJECTIVES = ("csrv2", "matryoshka")
+DEFAULT_K = 2  # end to end aims at the smallest codes; the head-only default stays HeadConfig's
 
 
 @dataclass(frozen=True)
@@ -148,7 +149,7 @@ class Finetuner:
         labels: np.ndarray | None = None,
         documents: list[str] | None = None,
         *,
-        k: int = 2,
+        k: int = DEFAULT_K,
         hidden_dim: int = 0,
         train: TrainConfig | None = None,
         finetune: FinetuneConfig | None = None,

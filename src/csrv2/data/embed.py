@@ -2,7 +2,7 @@
 
 The arrays are named as `csrv2 train --embeddings X.npz` reads them: `embeddings` (+ `labels`), or
 `queries` and `documents` for pairs; into one `.npz`, or as `.npy` shards into a folder (NAME-NNNNN.npy),
-one per rank under torchrun, each rank embedding its contiguous part of the rows.
+one per rank under torchrun, each rank embedding its contiguous part of the rows (`embed_to`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import distributed as dist
 from ..atomic import write_file
+from ..config import resolve_device
 from ..errors import InputError
 from .backbones import ImageBackbone, TextBackbone
 from .cache import EmbeddingCache
@@ -60,14 +62,25 @@ def read_source(
         return _packaged(source, split, max_rows, seed)
     if not Path(source).exists():
         raise InputError(f"{source}: neither a packaged data set ({', '.join(DATASETS)}) nor an existing file")
-    if pairs:
-        queries, documents = read_pairs(source, query_column, document_column)
-        return {"queries": queries, "documents": documents}
-    if Path(source).suffix == ".npz":
-        images, labels = read_images(source)
-        return {"images": images, "labels": labels}
-    texts, labels = read_table(source, text_column, label_column)
+    try:
+        if pairs:
+            queries, documents = read_pairs(source, query_column, document_column)
+            return {"queries": queries, "documents": documents}
+        if Path(source).suffix == ".npz":
+            images, labels = read_images(source)
+            return {"images": images, "labels": labels}
+        texts, labels = read_table(source, text_column, label_column)
+    except UnicodeDecodeError as e:  # a reader that decodes line by line meets the bad byte while reading
+        raise InputError(f"{source}: is not UTF-8 text ({e}); save the file as UTF-8") from e
     return {"texts": texts} if labels is None else {"texts": texts, "labels": labels}
+
+
+def backbone_for(items: dict, model: str | None = None, *, max_seq_length: int | None = None, image_size: int = 64,
+                 batch_size: int = 32, device: str = "cpu") -> TextBackbone | ImageBackbone:
+    """The backbone that embeds what `read_source` returned: EfficientNet-Lite0 for images, else the text model."""
+    if "images" in items:
+        return ImageBackbone(image_size, device=device)
+    return TextBackbone(model, device=device, max_seq_length=max_seq_length, batch_size=batch_size)
 
 
 def embed_source(
@@ -90,8 +103,7 @@ def embed_source(
     n = len(next(iter(items.values())))
     rows = slice(n * part[0] // part[1], n * (part[0] + 1) // part[1])
     items = {name: values[rows] for name, values in items.items()}
-    backbone = (ImageBackbone(image_size, device=device) if "images" in items
-                else TextBackbone(model, device=device, max_seq_length=max_seq_length, batch_size=batch_size))
+    backbone = backbone_for(items, model, max_seq_length=max_seq_length, image_size=image_size, batch_size=batch_size, device=device)
     cache = EmbeddingCache(Path(cache_dir) / "embeddings" if cache_dir else None)
     out = {}
     for name, values in items.items():
@@ -112,7 +124,8 @@ def npz_path(path: str | os.PathLike) -> Path:
 
 def save_shard(arrays: dict[str, np.ndarray], folder: str | os.PathLike, index: int) -> list[Path]:
     """Write each array as folder/NAME-{index:05d}.npy (to a temporary name, then renamed): one shard of a shard folder."""
-    return [write_file(Path(folder) / f"{name}-{index:05d}.npy", lambda f, a=array: np.save(f, np.asarray(a))) for name, array in arrays.items()]
+    return [write_file(Path(folder) / f"{name}-{index:05d}.npy", lambda f, a=array: np.save(f, np.asarray(a)))
+            for name, array in arrays.items()]
 
 
 def save_arrays(arrays: dict[str, np.ndarray], path: str | os.PathLike) -> Path:
@@ -120,4 +133,48 @@ def save_arrays(arrays: dict[str, np.ndarray], path: str | os.PathLike) -> Path:
     return write_file(npz_path(path), lambda f: np.savez(f, **arrays))
 
 
-__all__ = ["SPLITS", "embed_source", "npz_path", "read_source", "save_arrays", "save_shard", "texts_of"]
+SHARD_PATTERN = "*-[0-9]*.npy"
+
+
+def embed_to(out: str | os.PathLike, source: str, *, overwrite: bool = False, device: str = "auto", progress: bool = True,
+             **embed) -> tuple[dict[str, np.ndarray], int]:
+    """Embed `source` (`embed_source(source, **embed)`) into `out`: one .npz, or a folder of .npy shards.
+
+    A folder gets one shard per rank under torchrun, each rank embedding its contiguous part of the
+    rows; the shards it already holds are replaced only with `overwrite`. Every check runs before any
+    embedding. Returns this rank's arrays and the number of shards (0 for an .npz).
+    """
+    out = Path(out)
+    if out.suffix not in ("", ".npz") and not out.is_dir():
+        raise InputError(f"{out}: give a path ending in .npz, or a folder (a name without a suffix) for .npy shards")
+    if out.suffix == ".npz" and out.is_dir():
+        raise InputError(f"{out}: is a folder; pass a file path ending in .npz, or a folder name without a suffix for shards")
+    shards = out.suffix != ".npz"
+    device = dist.init(resolve_device(device))  # under torchrun: one shard per rank
+    if not shards and dist.world_size() > 1:
+        raise InputError(f"{out}: under torchrun every rank writes a shard; pass a folder as --out")
+    if shards:
+        _clear_shards(out, overwrite)
+    arrays = embed_source(source, device=str(device), progress=progress and dist.is_main(), part=(dist.rank(), dist.world_size()), **embed)
+    if shards:
+        save_shard(arrays, out, dist.rank())
+    else:
+        save_arrays(arrays, out)
+    dist.barrier()
+    return arrays, dist.world_size() if shards else 0
+
+
+def _clear_shards(folder: Path, overwrite: bool) -> None:
+    """Make `folder` ready for new shards on every rank: refuse a file, or old shards unless overwrite (then rank 0 deletes them)."""
+    if folder.exists() and not folder.is_dir():
+        raise InputError(f"{folder}: exists and is not a folder; pass a .npz file or a folder for shards")
+    if folder.is_dir() and any(folder.glob(SHARD_PATTERN)) and not overwrite:
+        raise InputError(f"{folder}: already holds shards; pass --overwrite to replace them or choose another folder")
+    dist.barrier()  # every rank has looked before rank 0 clears the folder
+    if dist.is_main():
+        for old in folder.glob(SHARD_PATTERN):
+            old.unlink()
+    dist.barrier()
+
+
+__all__ = ["SPLITS", "backbone_for", "embed_source", "embed_to", "npz_path", "read_source", "save_arrays", "save_shard", "texts_of"]

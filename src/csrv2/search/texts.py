@@ -86,4 +86,31 @@ def search_texts(index: InvertedIndex, head: SparseHead, backbone: TextBackbone,
     return index.search(encode(head, backbone.embed(queries, progress=False), k, progress=False), top_n)
 
 
-__all__ = ["build_text_index", "query_backbone", "read_texts", "search_texts", "texts_path"]
+def load_text_model(model: str | os.PathLike, backbone: str | None = None, max_seq_length: int | None = None, device: str = "auto", *,
+                    load_backbone: bool = True) -> tuple[TextBackbone | None, SparseHead]:
+    """(backbone, head) that embed and encode texts.
+
+    model: a SparseEncoder folder (`csrv2 finetune`'s or anyone's), which brings both, its backbone's
+    max_seq_length overridden when given; or a csrv2 head folder, whose backbone is then `backbone`
+    (default: the packaged all-MiniLM-L6-v2) with `max_seq_length`, or None when not `load_backbone`
+    (a search takes the index's own).
+    """
+    from ..config import resolve_device
+    from ..export import read_sparse_encoder
+    from ..model import load_head
+
+    device = resolve_device(device)
+    if (Path(model) / "modules.json").is_file():
+        if backbone is not None:
+            raise InputError(f"{model} is a SparseEncoder folder and brings its own backbone; drop --backbone")
+        own, head = read_sparse_encoder(model)
+        if max_seq_length is not None:
+            own.model.max_seq_length = max_seq_length
+        return own, head.to(device)
+    head = load_head(model, device)
+    if not load_backbone:
+        return None, head
+    return TextBackbone(backbone, device=str(device), max_seq_length=max_seq_length), head
+
+
+__all__ = ["build_text_index", "load_text_model", "query_backbone", "read_texts", "search_texts", "texts_path"]
