@@ -15,7 +15,7 @@ from safetensors.torch import save
 from .atomic import write_bytes, write_folder, write_json
 from .codes import SparseCodes
 from .config import HeadConfig, resolve_device
-from .data.training import check_embeddings, load_array
+from .data.training import load_array
 from .errors import InputError
 from .head import SparseHead, encode
 
@@ -181,13 +181,7 @@ def load_head(folder: str | os.PathLike, device: torch.device | str = "cpu") -> 
 
 def encode_file(folder: str | os.PathLike, embeddings: str | os.PathLike, k: int | None = None, *, batch_size: int = 4096,
                 device: str = "auto", progress: bool | None = None) -> SparseCodes:
-    """Encode the (n, d) embeddings of a .npy file (or the array 'embeddings' of an .npz) with the model folder's head.
-
-    The array is checked before the model is loaded: no rows, a non-float dtype or non-finite values
-    raise `InputError`, as they do for training.
-    """
+    """Encode the (n, d) embeddings of a .npy file (or the array 'embeddings' of an .npz) with the model folder's head;
+    `encode` refuses no rows, a non-float dtype and non-finite values before any code is made."""
     x = load_array(embeddings)
-    if x.ndim >= 1 and x.shape[0] == 0:
-        raise InputError(f"{embeddings}: has no rows (shape {x.shape}); pass a file with at least one embedding")
-    check_embeddings(x, "embeddings")
     return encode(load_head(folder, resolve_device(device)), x, k, batch_size=batch_size, progress=progress)
