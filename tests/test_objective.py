@@ -1,4 +1,6 @@
-"""csrv2.trainer.step_losses against a naive dense reference, and the dead-latent bookkeeping.
+"""csrv2.objective: the reference objective against values worked out by hand and a naive dense reference,
+the fast path (through autograd and compiled) against the reference in every contrastive mode, and the
+pieces of the fast path.
 
 The 4k term guards against sentence-transformers' defect (PAPER.md): there the AuxK mask zeroed the
 pre-activations in place and the 4k reconstruction decoded an empty code.
@@ -6,16 +8,33 @@ pre-activations in place and the 4k reconstruction decoded an empty code.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
-import csrv2.trainer as trainer_module
+import csrv2.kernels as kernels
+import csrv2.objective as objective
 from csrv2.config import HeadConfig, TrainConfig
-from csrv2.data.training import TrainingData
 from csrv2.head import SparseHead
-from csrv2.losses import pairs_contrastive_loss, self_contrastive_loss, supervised_contrastive_loss
-from csrv2.trainer import Trainer, step_losses, update_dead_counters
+from csrv2.losses import cosine_logits, pairs_contrastive_from_logits, self_contrastive_from_logits, supervised_contrastive_from_logits
+from csrv2.objective import (
+    gather_pays,
+    matryoshka_loss,
+    sparse_cosine_logits,
+    sparse_to_dense,
+    step_losses,
+)
+
+needs_numba = pytest.mark.skipif(kernels.numba is None, reason='the compiled path needs numba: pip install "csrv2[fast]"')
+
+
+@pytest.fixture(params=["reference", "fast", "compiled"])
+def path(request, monkeypatch):
+    """Runs a test of step_losses once per way it can compute: the reference, the fast path through autograd, compiled."""
+    if request.param == "compiled" and kernels.numba is None:
+        pytest.skip('the compiled path needs numba: pip install "csrv2[fast]"')
+    monkeypatch.setattr(objective, "REFERENCE", request.param == "reference")
+    monkeypatch.setattr(kernels, "ENABLED", request.param == "compiled")
+    return request.param
 
 
 def dense_code(pre: torch.Tensor, k: int, allowed: torch.Tensor | None = None) -> torch.Tensor:
@@ -75,7 +94,7 @@ def random_setup(make_head, embeddings, normalize=False):
 
 
 @pytest.mark.parametrize("normalize", [False, True])
-def test_step_losses_match_naive_reference(make_head, embeddings, normalize):
+def test_step_losses_match_naive_reference(make_head, embeddings, normalize, path):
     head, x, dead = random_setup(make_head, embeddings, normalize)
     losses, _ = step_losses(head, x, 2, dead, TrainConfig(), "none")
     ref = naive_step(head, x, 2, dead)
@@ -87,7 +106,7 @@ def test_step_losses_match_naive_reference(make_head, embeddings, normalize):
     assert losses["loss"].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
-def test_step_losses_4k_code_is_not_empty(make_head, embeddings):
+def test_step_losses_4k_code_is_not_empty(make_head, embeddings, path):
     head, x, dead = random_setup(make_head, embeddings)
     losses, _ = step_losses(head, x, 2, dead, TrainConfig(), "none")
     ref = naive_step(head, x, 2, dead)
@@ -103,7 +122,7 @@ def test_step_losses_4k_code_is_not_empty(make_head, embeddings):
     assert alive["loss_aux"].item() == 0.0
 
 
-def test_step_losses_4k_beats_k_beats_empty_on_orthogonal_head():
+def test_step_losses_4k_beats_k_beats_empty_on_orthogonal_head(path):
     # d = 4, h = 16, k = 1: rows 0-3 are an orthonormal basis Q, rows 4-7 are -Q, rows 8-15 random but
     # held off by a latent bias of -10. For r = x - b_pre the positive one of +-q_i . r wins for each i,
     # so the top-4k (= 4) code reconstructs x exactly and the top-k code keeps one coordinate only.
@@ -132,7 +151,7 @@ def test_step_losses_4k_beats_k_beats_empty_on_orthogonal_head():
 # k = 1, 2 and 3 at hidden_dim 32: small k may take a k^2 slot-matching path, larger k a zero-filled one.
 @pytest.mark.parametrize("k", [1, 2, 3])
 @pytest.mark.parametrize("mode", ["supervised", "self", "pairs"])
-def test_step_losses_contrastive_on_the_k_sparse_codes(make_head, embeddings, mode, k):
+def test_step_losses_contrastive_on_the_k_sparse_codes(make_head, embeddings, mode, k, path):
     head, x, dead = random_setup(make_head, embeddings)
     with torch.no_grad():
         head.latent_bias.copy_(-0.2 - 0.1 * head.latent_bias.abs())  # all latent biases negative ...
@@ -143,9 +162,9 @@ def test_step_losses_contrastive_on_the_k_sparse_codes(make_head, embeddings, mo
     z_k = naive_step(head, x, k, dead)["z_k"].float()
     assert (z_k[4] == 0).all() and (z_k.sum(dim=1) > 0).sum() == 5  # one all-zero code in the batch
     expected = {
-        "supervised": lambda: supervised_contrastive_loss(z_k, labels, 0.3),
-        "self": lambda: self_contrastive_loss(z_k, 0.3),
-        "pairs": lambda: pairs_contrastive_loss(z_k[:3], z_k[3:], 0.3),  # queries then their documents
+        "supervised": lambda: supervised_contrastive_from_logits(cosine_logits(z_k, z_k, 0.3), labels),
+        "self": lambda: self_contrastive_from_logits(cosine_logits(z_k, z_k, 0.3)),
+        "pairs": lambda: pairs_contrastive_from_logits(cosine_logits(z_k[:3], z_k[3:], 0.3)),  # queries then their documents
     }[mode]()
     assert losses["loss_cl"].item() == pytest.approx(expected.item(), rel=1e-5)
     assert losses["loss_cl"].item() > 0
@@ -153,7 +172,7 @@ def test_step_losses_contrastive_on_the_k_sparse_codes(make_head, embeddings, mo
     assert all(torch.isfinite(p.grad).all() for p in head.parameters())
 
 
-def test_step_losses_float64_head_matches_reference(make_head, embeddings):
+def test_step_losses_float64_head_matches_reference(make_head, embeddings, path):
     """A float64 head (which `encode` supports) must train too, with dead latents present."""
     head, x, dead = random_setup(make_head, embeddings)
     head = head.double()
@@ -163,7 +182,7 @@ def test_step_losses_float64_head_matches_reference(make_head, embeddings):
         assert losses[name].item() == pytest.approx(ref[name].item(), rel=1e-9), name
 
 
-def test_step_losses_leaves_head_and_input_unchanged(make_head, embeddings):
+def test_step_losses_leaves_head_and_input_unchanged(make_head, embeddings, path):
     head, x, dead = random_setup(make_head, embeddings)
     x_before, dead_before = x.clone(), dead.clone()
     params = {name: p.detach().clone() for name, p in head.named_parameters()}
@@ -177,7 +196,7 @@ def test_step_losses_leaves_head_and_input_unchanged(make_head, embeddings):
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
 
 
-def test_step_losses_fired_marks_latents_with_positive_topk_values(make_head, embeddings):
+def test_step_losses_fired_marks_latents_with_positive_topk_values(make_head, embeddings, path):
     head = make_head(input_dim=8, hidden_dim=32, k=2, seed=3)
     g = torch.Generator().manual_seed(9)
     with torch.no_grad():
@@ -195,7 +214,7 @@ def test_step_losses_fired_marks_latents_with_positive_topk_values(make_head, em
     assert not fired[row0_topk].all()
 
 
-@pytest.mark.parametrize("hidden_dim", [32, 128])  # k_aux 4 of 32 is zero-filled, of 128 gathered (losses.gather_pays)
+@pytest.mark.parametrize("hidden_dim", [32, 128])  # k_aux 4 of 32 is zero-filled, of 128 gathered (gather_pays)
 @pytest.mark.parametrize("dead_share", ["none", "few", "most"])  # few: the column path when the count is read
 def test_auxk_without_reading_the_dead_count_gives_the_same_loss_and_gradients(make_head, embeddings, hidden_dim, dead_share):
     """On a GPU AuxK never reads how many latents are dead (a host synchronisation); it must not matter."""
@@ -209,7 +228,8 @@ def test_auxk_without_reading_the_dead_count_gives_the_same_loss_and_gradients(m
         head.zero_grad(set_to_none=True)
         pre = head.preactivations(x)
         x_hat = head.decode(*head.encode(x, 2))
-        loss = trainer_module._auxk(head, pre, dead, x - x_hat, None, read_count=read_count)
+        sums = objective._dead_sums(head, pre, dead, read_count=read_count)  # None: the count was read, none is dead
+        loss = torch.zeros(()) if sums is None else objective._auxk(x - x_hat, sums, dead.any())
         (loss + 1e-3 * pre.sum()).backward()  # a second term so that gradients exist with no latent dead
         results.append((loss.detach(), [p.grad.clone() for p in head.parameters()]))
     (loss_read, grads_read), (loss_free, grads_free) = results
@@ -220,60 +240,101 @@ def test_auxk_without_reading_the_dead_count_gives_the_same_loss_and_gradients(m
             residual_hat = dense_code(head.preactivations(x).double(), 4, allowed=dead) @ head.weight.double()
             ref = ((residual - residual_hat) ** 2).mean() / ((residual - residual.mean(0)) ** 2).mean()
         assert loss_free.item() == pytest.approx(ref.item(), rel=1e-5)
-    assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(grads_read, grads_free))
+    assert all(torch.allclose(a, b, atol=1e-7) for a, b in zip(grads_read, grads_free, strict=True))
 
 
-def test_tf32_matmuls_sets_the_switch_inside_and_restores_it():
-    before = torch.backends.cuda.matmul.allow_tf32
+
+
+# --- the fast path's pieces ---------------------------------------------------------------------------
+
+
+@needs_numba
+@pytest.mark.parametrize("mode,k,dead_count", [("supervised", 2, 7), ("self", 3, 0), ("pairs", 1, 30), ("supervised", 8, 12)])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_step_losses_compiled_equals_autograd_path(make_head, embeddings, monkeypatch, mode, k, dead_count, normalize):
+    """Losses, fired latents and the gradients of every parameter and of the input (as when finetuning)."""
+    head = make_head(input_dim=8, hidden_dim=32, k=2, k_aux=6, normalize=normalize, seed=5)
+    x0 = embeddings(12, 8, seed=6)
+    labels = torch.tensor([0, 1, 2] * 4)
+    dead = torch.zeros(32, dtype=torch.bool)
+    dead[torch.randperm(32, generator=torch.Generator().manual_seed(7))[:dead_count]] = True
+    results = {}
     for enabled in (True, False):
-        with trainer_module.tf32_matmuls(enabled):
-            assert torch.backends.cuda.matmul.allow_tf32 is enabled
-        assert torch.backends.cuda.matmul.allow_tf32 is before
+        monkeypatch.setattr(kernels, "ENABLED", enabled)
+        x = x0.clone().requires_grad_()
+        losses, fired = step_losses(head, x, k, dead, TrainConfig(), mode, labels if mode == "supervised" else None)
+        grads = torch.autograd.grad(losses["loss"], [*head.parameters(), x])
+        results[enabled] = ({name: v.detach() for name, v in losses.items()}, fired, grads)
+    (compiled, fired_c, grads_c), (plain, fired_p, grads_p) = results[True], results[False]
+    assert torch.equal(fired_c, fired_p)
+    for name in plain:
+        torch.testing.assert_close(compiled[name], plain[name], rtol=1e-5, atol=1e-6)
+    if dead_count:
+        assert plain["loss_aux"] > 0
+    for got, want in zip(grads_c, grads_p, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
 
 
-# --- dead-latent counters ----------------------------------------------------------------------
+@needs_numba
+def test_cpu_training_takes_the_compiled_path(make_head, embeddings, monkeypatch):
+    """step_losses on CPU goes through SelectedLatents and sparse_dots (and, switched off, through neither)."""
+    calls = []
+    for name in ("select", "sparse_dots"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    head, x = make_head(input_dim=8, hidden_dim=32, k=2, k_aux=6), embeddings(12, 8)
+    step_losses(head, x, 2, torch.zeros(32, dtype=torch.bool), TrainConfig(), "self")
+    assert calls == ["select", "sparse_dots"]
+    monkeypatch.setattr(kernels, "ENABLED", False)
+    step_losses(head, x, 2, torch.zeros(32, dtype=torch.bool), TrainConfig(), "self")
+    assert calls == ["select", "sparse_dots"]
 
 
-def test_update_dead_counters_resets_fired_and_counts_the_rest():
-    counters = torch.tensor([0, 3, 30, 31, 7])
-    fired = torch.tensor([True, False, False, True, False])
-    new = update_dead_counters(counters, fired)
-    assert new.tolist() == [0, 4, 31, 0, 8]
-    assert counters.tolist() == [0, 3, 30, 31, 7]  # a new tensor, input untouched
+def test_sparse_to_dense_by_hand():
+    indices = torch.tensor([[2, 0], [1, 3]])
+    values = torch.tensor([[5.0, 6.0], [7.0, 0.0]]).requires_grad_()
+    dense = sparse_to_dense(indices, values, 4)
+    assert torch.equal(dense, torch.tensor([[6.0, 0, 5, 0], [0, 7, 0, 0]]))
+    (dense * torch.tensor([[1.0, 2, 3, 4], [5, 6, 7, 8]])).sum().backward()
+    # d/d values = the weight at each value's column
+    assert torch.equal(values.grad, torch.tensor([[3.0, 1], [6, 8]]))
 
 
-def test_dead_after_more_than_dead_threshold_steps_without_firing():
-    threshold = HeadConfig(input_dim=4).dead_threshold
-    assert threshold == 30
-    counters = torch.zeros(3, dtype=torch.long)
-    never, always = torch.zeros(3, dtype=torch.bool), torch.ones(3, dtype=torch.bool)
-    for _ in range(30):
-        counters = update_dead_counters(counters, never)
-    assert counters.tolist() == [30, 30, 30]
-    assert not (counters > threshold).any()  # 30 steps without firing: not yet dead
-    counters = update_dead_counters(counters, never)
-    assert (counters > threshold).all()  # 31 steps: dead
-    counters = update_dead_counters(counters, torch.tensor([True, False, False]))
-    assert (counters > threshold).tolist() == [False, True, True]
-    assert update_dead_counters(counters, always).tolist() == [0, 0, 0]
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=needs_numba)])
+@pytest.mark.parametrize("k", [2, 5])  # dim 64: k = 2 gathers, k = 5 zero-fills
+def test_sparse_cosine_logits_match_dense_reference(k, compiled):
+    g = torch.Generator().manual_seed(k)
+    dim, n, m = 64, 7, 5
+    q_idx = torch.stack([torch.randperm(dim, generator=g)[:k] for _ in range(n)])
+    d_idx = torch.stack([torch.randperm(dim, generator=g)[:k] for _ in range(m)])
+    d_idx[0] = q_idx[0]  # one pair shares all its latents, so the cosine is not small
+    q_val, d_val = torch.rand(n, k, generator=g).requires_grad_(), torch.rand(m, k, generator=g).requires_grad_()
+    d_val.data[1] = 0  # an all-zero code gives 0, not NaN
+    assert gather_pays(k, dim) == (k == 2)
+    weights = torch.randn(n, m, generator=g)
+    fast = sparse_cosine_logits(q_idx, q_val, d_idx, d_val, dim, 0.3, compiled)
+    (fast * weights).sum().backward()
+    fast_grads = q_val.grad.clone(), d_val.grad.clone()
+    q_val.grad = d_val.grad = None
+    ref = cosine_logits(sparse_to_dense(q_idx, q_val, dim), sparse_to_dense(d_idx, d_val, dim), 0.3)
+    (ref * weights).sum().backward()
+    assert torch.allclose(fast, ref, atol=1e-6) and (fast[:, 1] == 0).all() and fast[0, 0] > 1
+    assert torch.allclose(fast_grads[0], q_val.grad, atol=1e-5) and torch.allclose(fast_grads[1], d_val.grad, atol=1e-5)
 
 
-def test_trainer_dead_mask_boundary(monkeypatch):
-    """The trainer passes dead = counters > dead_threshold to step_losses: 30 is alive, 31 is dead."""
-    head_config = HeadConfig(input_dim=4, hidden_dim=8, k=1, dead_threshold=30)
-    data = TrainingData(np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32))
-    trainer = Trainer(head_config, TrainConfig(epochs=1, batch_size=4, device="cpu", contrastive="none"), data, progress=False)
-    trainer.counters = torch.tensor([0, 29, 30, 31, 32, 100, 30, 31])
-    assert trainer.dead_fraction() == pytest.approx(4 / 8)
+# --- the Matryoshka objective ---------------------------------------------------------------------------
 
-    seen = {}
-    real = trainer_module.step_losses
 
-    def spy(head, x, k, dead, cfg, mode, labels=None):
-        seen["dead"] = dead.clone()
-        return real(head, x, k, dead, cfg, mode, labels)
-
-    monkeypatch.setattr(trainer_module, "step_losses", spy)
-    x = torch.from_numpy(data.embeddings[:4])
-    trainer.train_step(x, None, 1)
-    assert seen["dead"].tolist() == [False, False, False, True, True, True, False, True]
+def test_matryoshka_loss_is_the_mean_over_prefixes():
+    z = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    supervised = lambda codes: supervised_contrastive_from_logits(cosine_logits(codes, codes, 0.2), labels)
+    expected = (supervised(z[:, :2]) + supervised(z)) / 2
+    torch.testing.assert_close(matryoshka_loss(z, (2, 4), "supervised", labels, 0.2), expected)
+    q, d = z.chunk(2)
+    pairs = lambda q, d: pairs_contrastive_from_logits(cosine_logits(q, d, 0.2))
+    expected = (pairs(q[:, :2], d[:, :2]) + pairs(q, d)) / 2
+    torch.testing.assert_close(matryoshka_loss(z, (2, 4), "pairs", None, 0.2), expected)
+    self_ = lambda codes: self_contrastive_from_logits(cosine_logits(codes, codes, 0.2))
+    expected = (self_(z[:, :2]) + self_(z)) / 2
+    torch.testing.assert_close(matryoshka_loss(z, (2, 4), "self", None, 0.2), expected)
