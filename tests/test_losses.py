@@ -243,6 +243,32 @@ def test_pairs_contrastive_by_hand():
     assert approx(pairs_contrastive_loss(q, d, 0.2), (l0 + l1) / 2)
 
 
+# --- rows of a batch split across processes --------------------------------------------------------
+
+
+@pytest.mark.parametrize("form", ["supervised", "self", "pairs"])
+def test_contrastive_forms_on_row_blocks_average_to_the_whole_batch(form):
+    """A process holds rows offset .. offset + n of the (batch, batch) matrix, whose own copies (or documents) are
+    columns offset .. offset + n: the mean of the blocks' losses is the whole batch's loss."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 6, generator=g)
+    labels = torch.tensor([0, 1, 0, 2, 1, 0])
+    loss = {
+        "supervised": lambda rows, offset: supervised_contrastive_from_logits(logits[rows], labels[rows], labels, offset),
+        "self": lambda rows, offset: self_contrastive_from_logits(logits[rows], offset),
+        "pairs": lambda rows, offset: pairs_contrastive_from_logits(logits[rows], offset),
+    }[form]
+    whole = loss(slice(0, 6), 0)
+    blocks = [loss(slice(start, start + 2), start) for start in (0, 2, 4)]
+    torch.testing.assert_close(sum(blocks) / 3, whole)
+    assert not torch.allclose(loss(slice(2, 4), 0), blocks[1])  # the offset matters
+
+
+def test_self_contrastive_is_supervised_with_one_class_per_sample():
+    logits = torch.randn(5, 5, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(self_contrastive_from_logits(logits), supervised_contrastive_from_logits(logits, torch.arange(5)))
+
+
 def test_total_loss_weights():
     one, two, three, four = (torch.tensor(v) for v in (1.0, 2.0, 3.0, 4.0))
     # defaults: 1 + 2/8 + 0.1 * 3 + 0.1 * 4 = 1.95

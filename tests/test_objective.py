@@ -8,6 +8,8 @@ pre-activations in place and the 4k reconstruction decoded an empty code.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -17,8 +19,11 @@ from csrv2.config import HeadConfig, TrainConfig
 from csrv2.head import SparseHead
 from csrv2.losses import cosine_logits, pairs_contrastive_from_logits, self_contrastive_from_logits, supervised_contrastive_from_logits
 from csrv2.objective import (
+    Objective,
+    fast_losses,
     gather_pays,
     matryoshka_loss,
+    reference_losses,
     sparse_cosine_logits,
     sparse_to_dense,
     step_losses,
@@ -245,6 +250,144 @@ def test_auxk_without_reading_the_dead_count_gives_the_same_loss_and_gradients(m
 
 
 
+# --- the reference against values worked out by hand ----------------------------------------------
+
+
+def hand_example():
+    """d = 2, h = 4: W's rows are e1, e2, -e1, -e2, zero biases; k = 1 (so the 4k code has every latent), k_aux = 1.
+
+    pre = W x: rows (2, 1, -2, -1), (-1, 3, 1, -3), (3, -1, -3, 1), (1, 2, -1, -2). The top-1 codes are
+    2 e_0, 3 e_1, 3 e_0, 2 e_1 (latents 0 and 1 fire); the 4k codes, ReLU(pre), reconstruct x exactly.
+    """
+    head = SparseHead(HeadConfig(input_dim=2, hidden_dim=4, k=1, k_aux=1))
+    with torch.no_grad():
+        head.encoder.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0], [0.0, -1.0]]))
+    x = torch.tensor([[2.0, 1.0], [-1.0, 3.0], [3.0, -1.0], [1.0, 2.0]])
+    dead = torch.tensor([False, True, True, True])  # latent 1 fires in the batch, so only 2 and 3 are dead for it
+    return head, x, dead
+
+
+# T = 0.5, codes 2 e_0, 3 e_1, 3 e_0, 2 e_1: s = 2 between codes on one latent (own copy included), 0 across.
+HAND_CONTRASTIVE = {
+    # labels 0, 1, 0, 1: pos = e^2 (own) + 2 e^2 (the other code on its latent), neg = 2 (e^0 + e^0)
+    "supervised": math.log((3 * math.exp(2) + 4) / (3 * math.exp(2))),
+    # only the own copy is positive: pos = e^2, neg = 2 (e^2 + e^0 + e^0)
+    "self": math.log((3 * math.exp(2) + 4) / math.exp(2)),
+    # queries 2 e_0, 3 e_1 against documents 3 e_0, 2 e_1: s = [[2, 0], [0, 2]]
+    "pairs": math.log((math.exp(2) + 1) / math.exp(2)),
+    "none": 0.0,
+}
+
+
+@pytest.mark.parametrize("mode", list(HAND_CONTRASTIVE))
+def test_objective_by_hand(mode, path):
+    head, x, dead = hand_example()
+    cfg = TrainConfig(temperature=0.5)
+    losses, fired = step_losses(head, x, 1, dead, cfg, mode, torch.tensor([0, 1, 0, 1]) if mode == "supervised" else None)
+    # x_hat_k = (2, 0), (0, 3), (3, 0), (0, 2): errors (0, 1), (-1, 0), (0, -1), (1, 0) -> 4 / 8
+    assert losses["loss_k"].item() == pytest.approx(0.5)
+    assert losses["loss_4k"].item() == pytest.approx(0.0, abs=1e-12)
+    # AuxK among latents 2 and 3: rows 1 and 2 take pre 1 on latent 2 and 3 (decoding (-1, 0) and (0, -1),
+    # exactly their residuals), rows 0 and 3 only negative ones (ReLU: 0). MSE 2 / 8 over the residual's
+    # spread about its mean (0, 0), 4 / 8.
+    assert losses["loss_aux"].item() == pytest.approx(0.5)
+    assert losses["loss_cl"].item() == pytest.approx(HAND_CONTRASTIVE[mode], abs=1e-7)
+    assert losses["loss"].item() == pytest.approx(0.5 + 0.125 * 0.0 + 0.1 * 0.5 + 0.1 * HAND_CONTRASTIVE[mode])
+    assert fired.tolist() == [True, True, False, False]
+
+
+def test_objective_by_hand_aux_is_zero_without_dead_latents(path):
+    """Latent 1 is marked dead but fires: with nothing else dead, AuxK is 0."""
+    head, x, _ = hand_example()
+    losses, _ = step_losses(head, x, 1, torch.tensor([False, True, False, False]), TrainConfig(), "none")
+    assert losses["loss_aux"].item() == 0.0 and losses["loss"].item() == pytest.approx(0.5)
+
+
+# --- the fast path against the reference ------------------------------------------------------------
+
+
+def both_paths(head, x0, k, dead, mode, labels, compiled):
+    """Losses, fired latents and the gradients of every parameter and of x (as when finetuning), by the reference
+    and by the fast path."""
+    results = []
+    for losses_of in (reference_losses, lambda *a: fast_losses(*a, compiled=compiled)):
+        x = x0.clone().requires_grad_()
+        losses, fired = losses_of(head, x, k, dead, TrainConfig(), mode, labels if mode == "supervised" else None)
+        grads = torch.autograd.grad(losses["loss"], [*head.parameters(), x], allow_unused=True)
+        results.append(({name: v.detach() for name, v in losses.items()}, fired, grads))
+    return results
+
+
+def assert_same(reference, fast):
+    (ref_losses, ref_fired, ref_grads), (fast_losses_, fast_fired, fast_grads) = reference, fast
+    assert torch.equal(ref_fired, fast_fired)
+    assert ref_losses.keys() == fast_losses_.keys() == {"loss", "loss_k", "loss_4k", "loss_aux", "loss_cl"}
+    for name in ref_losses:
+        torch.testing.assert_close(fast_losses_[name], ref_losses[name], rtol=1e-5, atol=1e-6, msg=name)
+    for got, want in zip(fast_grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+COMPILED = [False, pytest.param(True, marks=needs_numba)]
+
+
+@pytest.mark.parametrize("compiled", COMPILED)
+@pytest.mark.parametrize("normalize", [False, True])
+@pytest.mark.parametrize("k", range(1, 9))
+@pytest.mark.parametrize("mode", ["supervised", "pairs", "self", "none"])
+def test_fast_path_equals_reference(make_head, embeddings, mode, k, normalize, compiled):
+    head = make_head(input_dim=8, hidden_dim=64, k=2, k_aux=6, normalize=normalize, seed=5)
+    x = embeddings(12, 8, seed=6)
+    # dead: 7 latents that fire in no top-k code of the batch, and 2 that do (and so are not dead for it)
+    fired = torch.zeros(64, dtype=torch.bool)
+    fired[head.encode(x, k)[0].unique()] = True
+    order = torch.randperm(64, generator=torch.Generator().manual_seed(k))
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[order[~fired[order]][:7]] = True
+    dead[order[fired[order]][:2]] = True
+    reference, fast = both_paths(head, x, k, dead, mode, torch.tensor([0, 1, 2] * 4), compiled)
+    assert (dead & ~fired).sum() == 7 and reference[0]["loss_aux"] > 0 and (reference[0]["loss_cl"] > 0) == (mode != "none")
+    assert all(g is not None for g in reference[2])  # every parameter and x is reached
+    assert_same(reference, fast)
+
+
+@pytest.mark.parametrize("compiled", COMPILED)
+@pytest.mark.parametrize("dead_count", [0, 32])
+@pytest.mark.parametrize("k", [3, 8])  # k = 8: the 4k code has all 32 latents
+@pytest.mark.parametrize("mode", ["supervised", "self"])
+def test_fast_path_equals_reference_with_none_or_all_dead(make_head, embeddings, mode, k, dead_count, compiled):
+    head = make_head(input_dim=8, hidden_dim=32, k=2, k_aux=6, seed=5)
+    dead = torch.zeros(32, dtype=torch.bool)
+    dead[:dead_count] = True
+    reference, fast = both_paths(head, embeddings(12, 8, seed=6), k, dead, mode, torch.tensor([0, 1, 2] * 4), compiled)
+    assert (reference[0]["loss_aux"] > 0) == bool(dead_count)
+    assert_same(reference, fast)
+
+
+def test_step_losses_chooses_the_path(make_head, embeddings, monkeypatch):
+    """The fast path, compiled where kernels.available says; the reference when REFERENCE is set."""
+    calls = []
+    monkeypatch.setattr(objective, "reference_losses", lambda *a: calls.append("reference"))
+    monkeypatch.setattr(objective, "fast_losses", lambda *a, compiled: calls.append(("fast", compiled)))
+    head, x, dead = make_head(), embeddings(), torch.zeros(32, dtype=torch.bool)
+    for enabled in (True, False):
+        monkeypatch.setattr(kernels, "ENABLED", enabled)
+        step_losses(head, x, 2, dead, TrainConfig(), "self")
+    monkeypatch.setattr(objective, "REFERENCE", True)
+    step_losses(head, x, 2, dead, TrainConfig(), "self")
+    assert calls == [("fast", kernels.numba is not None), ("fast", False), "reference"]
+
+
+def test_objective_module_forward_is_step_losses(make_head, embeddings):
+    head, x = make_head(), embeddings(6, 8)
+    dead, labels = torch.zeros(32, dtype=torch.bool), torch.tensor([0, 1, 0, 1, 2, 2])
+    module = Objective(head, TrainConfig(), "supervised")
+    assert list(module.parameters()) == list(head.parameters())  # what DDP averages
+    got, fired = module(x, 2, dead, labels)
+    want, want_fired = step_losses(head, x, 2, dead, TrainConfig(), "supervised", labels)
+    assert torch.equal(fired, want_fired) and all(torch.equal(got[name], want[name]) for name in want)
+
+
 # --- the fast path's pieces ---------------------------------------------------------------------------
 
 
@@ -290,6 +433,13 @@ def test_cpu_training_takes_the_compiled_path(make_head, embeddings, monkeypatch
     assert calls == ["select", "sparse_dots"]
 
 
+def test_gather_pays_by_device():
+    # at most dim / 16 non-zeros on CPU, dim / 128 on CUDA; other devices as CPU
+    assert gather_pays(4, 64) and not gather_pays(5, 64)
+    assert gather_pays(1, 128, "cuda") and not gather_pays(2, 128, "cuda") and not gather_pays(2, 128, "cuda:0")
+    assert gather_pays(4, 64, "mps") and not gather_pays(5, 64, "mps")
+
+
 def test_sparse_to_dense_by_hand():
     indices = torch.tensor([[2, 0], [1, 3]])
     values = torch.tensor([[5.0, 6.0], [7.0, 0.0]]).requires_grad_()
@@ -300,7 +450,7 @@ def test_sparse_to_dense_by_hand():
     assert torch.equal(values.grad, torch.tensor([[3.0, 1], [6, 8]]))
 
 
-@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=needs_numba)])
+@pytest.mark.parametrize("compiled", COMPILED)
 @pytest.mark.parametrize("k", [2, 5])  # dim 64: k = 2 gathers, k = 5 zero-fills
 def test_sparse_cosine_logits_match_dense_reference(k, compiled):
     g = torch.Generator().manual_seed(k)
