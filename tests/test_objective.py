@@ -388,6 +388,82 @@ def test_objective_module_forward_is_step_losses(make_head, embeddings):
     assert torch.equal(fired, want_fired) and all(torch.equal(got[name], want[name]) for name in want)
 
 
+# --- across processes -----------------------------------------------------------------------------------
+
+RANK_PATHS = {"reference": reference_losses, "fast": fast_losses, "compiled": lambda *a: fast_losses(*a, compiled=True)}
+
+
+def two_rank_problem():
+    """A head and a global batch of 12 rows (6 query/document pairs for pairs), labels, dead latents and k."""
+    g = torch.Generator().manual_seed(11)
+    head = SparseHead(HeadConfig(input_dim=8, hidden_dim=64, k=3, k_aux=6), generator=g)
+    with torch.no_grad():
+        head.latent_bias.copy_(0.1 * torch.randn(64, generator=g))
+    x, labels = torch.randn(12, 8, generator=g), torch.tensor([0, 1, 2, 0, 1, 2, 0, 0, 1, 1, 2, 2])
+    return head, x, labels, torch.arange(64) % 5 == 0, 3
+
+
+def rank_rows(mode: str, rank: int, world: int) -> torch.Tensor:
+    """The rows of the global batch a rank holds (distributed.shard): its pairs' queries then their documents for pairs."""
+    if mode == "pairs":
+        pairs = torch.arange(6)[rank::world]
+        return torch.cat([pairs, pairs + 6])
+    return torch.arange(12)[rank::world]
+
+
+def losses_and_gradients(losses_of, head, x, labels, dead, k, mode):
+    x = x.clone().requires_grad_()
+    losses, fired = losses_of(head, x, k, dead, TrainConfig(), mode, labels if mode == "supervised" else None)
+    return {name: v.detach() for name, v in losses.items()}, fired, torch.autograd.grad(losses["loss"], list(head.parameters()))
+
+
+def _objective_rank(rank: int, world: int, port: int, out) -> None:
+    """One rank of test_two_ranks_compute_the_one_process_objective: writes the mean over ranks of each path's losses
+    and gradients (DDP's average), and the fired latents."""
+    import os
+
+    from csrv2 import distributed
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    distributed.init(torch.device("cpu"))
+    try:
+        head, x, labels, dead, k = two_rank_problem()
+        results = {}
+        for name, losses_of in RANK_PATHS.items():
+            if name == "compiled" and kernels.numba is None:
+                continue
+            for mode in ("supervised", "self", "pairs"):
+                rows = rank_rows(mode, rank, world)
+                losses, fired, grads = losses_and_gradients(losses_of, head, x[rows], labels[rows], dead, k, mode)
+                mean = [distributed.sum_over_ranks(t) / world for t in (*losses.values(), *grads)]
+                results[name, mode] = (dict(zip(losses, mean[: len(losses)], strict=True)), fired, mean[len(losses) :])
+        if rank == 0:
+            torch.save(results, out)
+    finally:
+        distributed.close()
+
+
+def test_two_ranks_compute_the_one_process_objective(tmp_path):
+    """Each path on two ranks of 6 rows: the mean of the ranks' losses and gradients is the one-process result on 12."""
+    import torch.multiprocessing as mp
+
+    from test_distributed import _free_port
+
+    mp.spawn(_objective_rank, args=(2, _free_port(), tmp_path / "two.pt"), nprocs=2)
+    two = torch.load(tmp_path / "two.pt")
+    head, x, labels, dead, k = two_rank_problem()
+    assert len(two) == (9 if kernels.numba is not None else 6)
+    for (name, mode), (losses, fired, grads) in two.items():
+        one_losses, one_fired, one_grads = losses_and_gradients(RANK_PATHS[name], head, x, labels, dead, k, mode)
+        assert torch.equal(fired, one_fired), (name, mode)
+        assert one_losses["loss_aux"] > 0 and one_losses["loss_cl"] > 0
+        for loss in one_losses:
+            torch.testing.assert_close(losses[loss], one_losses[loss], rtol=1e-5, atol=1e-6, msg=f"{name} {mode} {loss}")
+        for got, want in zip(grads, one_grads, strict=True):
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6, msg=f"{name} {mode}")
+
+
 # --- the fast path's pieces ---------------------------------------------------------------------------
 
 
