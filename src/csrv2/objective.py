@@ -141,6 +141,11 @@ def _with_total(losses: dict[str, torch.Tensor], cfg: TrainConfig) -> dict[str, 
     return losses
 
 
+def sparse_to_dense(indices: torch.Tensor, values: torch.Tensor, dim: int) -> torch.Tensor:
+    """indices, values: (batch, k) -> (batch, dim) zero-filled codes, differentiable in `values`."""
+    return torch.zeros(indices.shape[0], dim, dtype=values.dtype, device=values.device).scatter(1, indices, values)
+
+
 class Objective(torch.nn.Module):
     """The head and its objective as one module, whose forward is `step_losses`: what DistributedDataParallel wraps."""
 
@@ -159,7 +164,7 @@ def matryoshka_loss(z: torch.Tensor, dims: tuple[int, ...], mode: str, labels: t
     """
     losses = []
     for m in dims:
-        prefix = F.normalize(z[:, :m], dim=-1)  # cosine_logits, each row normalised once for both sides
+        prefix = F.normalize(z[:, :m], dim=-1)  # as cosine_logits, each row normalised once for both sides
         queries, documents = prefix.chunk(2) if mode == "pairs" else (prefix, prefix)
         losses.append(_contrastive(queries @ dist.gather(documents).T / temperature, mode, labels))  # (n, world x n)
     return torch.stack(losses).mean()
@@ -179,11 +184,6 @@ def gather_pays(nonzeros: int, dim: int, device: torch.device | str = "cpu") -> 
     """Whether rows with `nonzeros` non-zeros out of `dim` are cheaper to multiply by gathering than zero-filled."""
     device_type = torch.device(device).type
     return nonzeros * GATHER_LIMITS.get(device_type, GATHER_LIMITS["cpu"]) <= dim
-
-
-def sparse_to_dense(indices: torch.Tensor, values: torch.Tensor, dim: int) -> torch.Tensor:
-    """indices, values: (batch, k) -> (batch, dim) zero-filled codes, differentiable in `values`."""
-    return torch.zeros(indices.shape[0], dim, dtype=values.dtype, device=values.device).scatter(1, indices, values)
 
 
 def sparse_cosine_logits(q_idx: torch.Tensor, q_val: torch.Tensor, d_idx: torch.Tensor, d_val: torch.Tensor, dim: int,
