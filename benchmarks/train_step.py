@@ -40,12 +40,13 @@ import torch
 import torch.nn.functional as F
 
 import csrv2.kernels
-import csrv2.losses
+import csrv2.objective
 from csrv2.config import HeadConfig, TrainConfig, resolve_k_init
 from csrv2.data.training import TrainingData
 from csrv2.head import SparseHead
+from csrv2.objective import step_losses
 from csrv2.schedule import k_at_step
-from csrv2.trainer import Trainer, step_losses, tf32_matmuls
+from csrv2.trainer import Trainer, tf32_matmuls
 
 FIRE_EPS = 1e-5  # the official top_k counts a latent as fired when its top-k value exceeds this
 TOLERANCE = 1e-4  # first-step total loss: |ours - official| <= TOLERANCE * max(1, |official|)
@@ -227,7 +228,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...; synchronised before each clock read")
     p.add_argument("--no-tf32", action="store_true", help="our step in full float32 on CUDA (TrainConfig.tf32 off)")
-    p.add_argument("--gather-limit", type=int, help="this device's csrv2.losses.GATHER_LIMITS entry for the run: "
+    p.add_argument("--gather-limit", type=int, help="this device's csrv2.objective.GATHER_LIMITS entry for the run: "
                    "codes with over hidden_dim / N non-zeros are zero-filled")
     p.add_argument("--no-compiled", action="store_true", help="CPU: our step through autograd, without the compiled "
                    "backward of csrv2.kernels (which needs numba)")
@@ -238,7 +239,7 @@ def main(argv=None):
     device = torch.device(a.device)
     csrv2.kernels.ENABLED = not a.no_compiled
     if a.gather_limit:
-        csrv2.losses.GATHER_LIMITS[device.type] = a.gather_limit
+        csrv2.objective.GATHER_LIMITS[device.type] = a.gather_limit
     d, h, b = a.input_dim, a.hidden_dim, a.batch_size
     k_aux = a.k_aux or max(1, h // 16)
     cfg = TrainConfig(batch_size=b, anneal=not a.no_anneal, contrastive="supervised", seed=a.seed, device=str(device),

@@ -12,13 +12,12 @@ from csrv2.errors import InputError
 from csrv2.eval.baselines import (
     MatryoshkaHead,
     load_matryoshka,
-    matryoshka_loss,
     principal_directions,
     save_matryoshka,
     train_matryoshka,
     truncate,
 )
-from csrv2.losses import pairs_contrastive_loss, self_contrastive_loss, supervised_contrastive_loss
+from csrv2.objective import matryoshka_loss
 
 
 def test_truncate_keeps_leading_dims():
@@ -35,18 +34,6 @@ def test_principal_directions_order_by_variance():
     w, b = principal_directions(x, 2)
     assert abs(w[0, 2]) > 0.99 and abs(w[1, 0]) > 0.99
     np.testing.assert_allclose((x @ w.T + b).mean(axis=0), 0, atol=1e-9)  # the bias centres the projections
-
-
-def test_matryoshka_loss_is_the_mean_over_prefixes():
-    z = torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
-    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
-    expected = (supervised_contrastive_loss(z[:, :2], labels, 0.2) + supervised_contrastive_loss(z, labels, 0.2)) / 2
-    torch.testing.assert_close(matryoshka_loss(z, (2, 4), "supervised", labels, 0.2), expected)
-    q, d = z.chunk(2)
-    expected = (pairs_contrastive_loss(q[:, :2], d[:, :2], 0.2) + pairs_contrastive_loss(q, d, 0.2)) / 2
-    torch.testing.assert_close(matryoshka_loss(z, (2, 4), "pairs", None, 0.2), expected)
-    expected = (self_contrastive_loss(z[:, :2], 0.2) + self_contrastive_loss(z, 0.2)) / 2
-    torch.testing.assert_close(matryoshka_loss(z, (2, 4), "self", None, 0.2), expected)
 
 
 def _clusters(n=256, d=16, classes=4, seed=0):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from csrv2.config import TrainConfig
-from csrv2.trainer import step_losses
+from csrv2.objective import step_losses
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "train_step.py"
 

@@ -220,9 +220,10 @@ def test_normalize_round_trip(embeddings):
     assert torch.allclose(ref, ((x_std - b).relu() - (b - x_std).relu() + b) * std + mu, atol=1e-5)
 
 
-# widths 4 and 3 of 512: both gathered; 64 and 3 of 512, 8 and 3 of 64: one zero-filled, one gathered; 8 and 3 of 32: both zero-filled
-@pytest.mark.parametrize("hidden_dim, width", [(512, 4), (512, 64), (64, 8), (32, 8)])
-def test_gather_decode_gradients_match_dense_reference(hidden_dim, width):
+# two sets, of widths `width` and 3: both gathered, one zero-filled and one gathered, both zero-filled, and by default
+@pytest.mark.parametrize("hidden_dim, width, gathered", [(512, 4, [True, True]), (512, 64, [False, True]), (64, 8, [False, True]),
+                                                         (32, 8, [False, False]), (32, 8, None)])
+def test_gather_decode_gradients_match_dense_reference(hidden_dim, width, gathered):
     """decode_sums (gathered, zero-filled and mixed sets) against autograd through a zero-filled product."""
     g = torch.Generator().manual_seed(0)
     head = SparseHead(HeadConfig(input_dim=12, hidden_dim=hidden_dim, k=2), generator=g).double()
@@ -230,7 +231,7 @@ def test_gather_decode_gradients_match_dense_reference(hidden_dim, width):
     idx_b = torch.rand(5, hidden_dim, generator=g).topk(3, dim=1).indices
     val_a = torch.rand(5, width, generator=g, dtype=torch.float64, requires_grad=True)
     val_b = torch.rand(5, 3, generator=g, dtype=torch.float64, requires_grad=True)
-    out_a, out_b = head.decode_sums([(idx_a, val_a), (idx_b, val_b)])
+    out_a, out_b = head.decode_sums([(idx_a, val_a), (idx_b, val_b)], gathered)
     target = torch.randn(5, 12, generator=g, dtype=torch.float64)
     ((out_a - target) ** 2 + out_b * target).sum().backward()
     fast = (head.encoder.weight.grad.clone(), val_a.grad.clone(), val_b.grad.clone())
@@ -242,5 +243,12 @@ def test_gather_decode_gradients_match_dense_reference(hidden_dim, width):
     torch.testing.assert_close(out_a, ref_a)
     torch.testing.assert_close(out_b, ref_b)
     ((ref_a - target) ** 2 + ref_b * target).sum().backward()
-    for got, want in zip(fast, (W.grad, val_a.grad, val_b.grad)):
+    for got, want in zip(fast, (W.grad, val_a.grad, val_b.grad), strict=True):
         torch.testing.assert_close(got, want)
+
+
+def test_decode_sums_wants_one_gathered_flag_per_set():
+    head = SparseHead(HeadConfig(input_dim=4, hidden_dim=16, k=2))
+    codes = [(torch.tensor([[0, 1]]), torch.ones(1, 2))] * 2
+    with pytest.raises(ValueError, match="2 code sets but 1 gathered flags"):
+        head.decode_sums(codes, [True])

@@ -10,15 +10,25 @@ import torch
 from csrv2.losses import (
     auxk_loss,
     cosine_logits,
-    gather_pays,
-    pairs_contrastive_loss,
+    pairs_contrastive_from_logits,
     reconstruction_loss,
-    self_contrastive_loss,
-    sparse_cosine_logits,
-    sparse_to_dense,
-    supervised_contrastive_loss,
+    self_contrastive_from_logits,
+    supervised_contrastive_from_logits,
     total_loss,
 )
+
+
+def supervised_contrastive_loss(codes: torch.Tensor, labels: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:
+    """The supervised form on codes (batch, dim): from their cosine matrix, as the objective computes it."""
+    return supervised_contrastive_from_logits(cosine_logits(codes, codes, temperature), labels)
+
+
+def self_contrastive_loss(codes: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:
+    return self_contrastive_from_logits(cosine_logits(codes, codes, temperature))
+
+
+def pairs_contrastive_loss(queries: torch.Tensor, documents: torch.Tensor, temperature: float = 0.2) -> torch.Tensor:
+    return pairs_contrastive_from_logits(cosine_logits(queries, documents, temperature))
 
 
 def t(rows) -> torch.Tensor:
@@ -135,7 +145,7 @@ def naive_two_view_supcon(codes: torch.Tensor, labels: torch.Tensor, temperature
         for b in range(n):
             if b == a:
                 continue
-            cos = sum(u * v for u, v in zip(rows[a], rows[b])) / (norms[a] * norms[b])
+            cos = sum(u * v for u, v in zip(rows[a], rows[b], strict=True)) / (norms[a] * norms[b])
             e = math.exp(cos / temperature)
             if lab[b] == lab[a]:
                 pos += e
@@ -233,38 +243,30 @@ def test_pairs_contrastive_by_hand():
     assert approx(pairs_contrastive_loss(q, d, 0.2), (l0 + l1) / 2)
 
 
-# --- helpers ---------------------------------------------------------------------------------------
+# --- rows of a batch split across processes --------------------------------------------------------
 
 
-def test_sparse_to_dense_by_hand():
-    indices = torch.tensor([[2, 0], [1, 3]])
-    values = t([[5, 6], [7, 0]]).requires_grad_()
-    dense = sparse_to_dense(indices, values, 4)
-    assert torch.equal(dense, t([[6, 0, 5, 0], [0, 7, 0, 0]]))
-    (dense * t([[1, 2, 3, 4], [5, 6, 7, 8]])).sum().backward()
-    # d/d values = the weight at each value's column
-    assert torch.equal(values.grad, t([[3, 1], [6, 8]]))
+@pytest.mark.parametrize("form", ["supervised", "self", "pairs"])
+def test_contrastive_forms_on_row_blocks_average_to_the_whole_batch(form):
+    """A process holds rows offset .. offset + n of the (batch, batch) matrix, whose own copies (or documents) are
+    columns offset .. offset + n: the mean of the blocks' losses is the whole batch's loss."""
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 6, generator=g)
+    labels = torch.tensor([0, 1, 0, 2, 1, 0])
+    loss = {
+        "supervised": lambda rows, offset: supervised_contrastive_from_logits(logits[rows], labels[rows], labels, offset),
+        "self": lambda rows, offset: self_contrastive_from_logits(logits[rows], offset),
+        "pairs": lambda rows, offset: pairs_contrastive_from_logits(logits[rows], offset),
+    }[form]
+    whole = loss(slice(0, 6), 0)
+    blocks = [loss(slice(start, start + 2), start) for start in (0, 2, 4)]
+    torch.testing.assert_close(sum(blocks) / 3, whole)
+    assert not torch.allclose(loss(slice(2, 4), 0), blocks[1])  # the offset matters
 
 
-@pytest.mark.parametrize("k", [2, 5])  # dim 64: k = 2 gathers, k = 5 zero-fills
-def test_sparse_cosine_logits_match_dense_reference(k):
-    g = torch.Generator().manual_seed(k)
-    dim, n, m = 64, 7, 5
-    q_idx = torch.stack([torch.randperm(dim, generator=g)[:k] for _ in range(n)])
-    d_idx = torch.stack([torch.randperm(dim, generator=g)[:k] for _ in range(m)])
-    d_idx[0] = q_idx[0]  # one pair shares all its latents, so the cosine is not small
-    q_val, d_val = torch.rand(n, k, generator=g).requires_grad_(), torch.rand(m, k, generator=g).requires_grad_()
-    d_val.data[1] = 0  # an all-zero code gives 0, not NaN
-    assert gather_pays(k, dim) == (k == 2)
-    weights = torch.randn(n, m, generator=g)
-    fast = sparse_cosine_logits(q_idx, q_val, d_idx, d_val, dim, 0.3)
-    (fast * weights).sum().backward()
-    fast_grads = q_val.grad.clone(), d_val.grad.clone()
-    q_val.grad = d_val.grad = None
-    ref = cosine_logits(sparse_to_dense(q_idx, q_val, dim), sparse_to_dense(d_idx, d_val, dim), 0.3)
-    (ref * weights).sum().backward()
-    assert torch.allclose(fast, ref, atol=1e-6) and (fast[:, 1] == 0).all() and fast[0, 0] > 1
-    assert torch.allclose(fast_grads[0], q_val.grad, atol=1e-5) and torch.allclose(fast_grads[1], d_val.grad, atol=1e-5)
+def test_self_contrastive_is_supervised_with_one_class_per_sample():
+    logits = torch.randn(5, 5, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(self_contrastive_from_logits(logits), supervised_contrastive_from_logits(logits, torch.arange(5)))
 
 
 def test_total_loss_weights():

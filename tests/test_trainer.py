@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+import csrv2.objective as objective
 from csrv2 import InputError, TrainingData, load, train
-from csrv2.config import HeadConfig, preset
-from csrv2.trainer import Trainer
+from csrv2.config import HeadConfig, TrainConfig, preset
+from csrv2.trainer import Trainer, tf32_matmuls, update_dead_counters
 
 
 def clustered(n=192, d=16, classes=4, seed=0):
@@ -181,3 +182,62 @@ def test_bad_training_input_is_refused_before_work():
         Trainer(HeadConfig(16, 64, 2), preset("csrv2", contrastive="supervised"), TrainingData(x))
     with pytest.raises(InputError, match="input_dim"):
         Trainer(HeadConfig(8, 64, 2), preset("csrv2"), TrainingData(x))
+
+
+# --- the step's bookkeeping ---------------------------------------------------------------------
+
+
+def test_tf32_matmuls_sets_the_switch_inside_and_restores_it():
+    before = torch.backends.cuda.matmul.allow_tf32
+    for enabled in (True, False):
+        with tf32_matmuls(enabled):
+            assert torch.backends.cuda.matmul.allow_tf32 is enabled
+        assert torch.backends.cuda.matmul.allow_tf32 is before
+
+
+# --- dead-latent counters ----------------------------------------------------------------------
+
+
+def test_update_dead_counters_resets_fired_and_counts_the_rest():
+    counters = torch.tensor([0, 3, 30, 31, 7])
+    fired = torch.tensor([True, False, False, True, False])
+    new = update_dead_counters(counters, fired)
+    assert new.tolist() == [0, 4, 31, 0, 8]
+    assert counters.tolist() == [0, 3, 30, 31, 7]  # a new tensor, input untouched
+
+
+def test_dead_after_more_than_dead_threshold_steps_without_firing():
+    threshold = HeadConfig(input_dim=4).dead_threshold
+    assert threshold == 30
+    counters = torch.zeros(3, dtype=torch.long)
+    never, always = torch.zeros(3, dtype=torch.bool), torch.ones(3, dtype=torch.bool)
+    for _ in range(30):
+        counters = update_dead_counters(counters, never)
+    assert counters.tolist() == [30, 30, 30]
+    assert not (counters > threshold).any()  # 30 steps without firing: not yet dead
+    counters = update_dead_counters(counters, never)
+    assert (counters > threshold).all()  # 31 steps: dead
+    counters = update_dead_counters(counters, torch.tensor([True, False, False]))
+    assert (counters > threshold).tolist() == [False, True, True]
+    assert update_dead_counters(counters, always).tolist() == [0, 0, 0]
+
+
+def test_trainer_dead_mask_boundary(monkeypatch):
+    """The trainer passes dead = counters > dead_threshold to the objective: 30 is alive, 31 is dead."""
+    head_config = HeadConfig(input_dim=4, hidden_dim=8, k=1, dead_threshold=30)
+    data = TrainingData(np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32))
+    trainer = Trainer(head_config, TrainConfig(epochs=1, batch_size=4, device="cpu", contrastive="none"), data, progress=False)
+    trainer.counters = torch.tensor([0, 29, 30, 31, 32, 100, 30, 31])
+    assert trainer.dead_fraction() == pytest.approx(4 / 8)
+
+    seen = {}
+    real = objective.step_losses
+
+    def spy(head, x, k, dead, cfg, mode, labels=None):
+        seen["dead"] = dead.clone()
+        return real(head, x, k, dead, cfg, mode, labels)
+
+    monkeypatch.setattr(objective, "step_losses", spy)  # what the trainer's Objective module calls
+    x = torch.from_numpy(data.embeddings[:4])
+    trainer.train_step(x, None, 1)
+    assert seen["dead"].tolist() == [False, False, False, True, True, True, False, True]

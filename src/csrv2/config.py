@@ -19,6 +19,8 @@ import torch
 
 CONTRASTIVE_MODES = ("auto", "supervised", "pairs", "self", "none")
 PRESETS = ("csrv2", "csr")
+MRL_DIMS = (2, 4, 8, 16, 32, 64)
+"""Nested prefix sizes of the Matryoshka (MRL) peers: the linear head on frozen embeddings and the finetuned backbone."""
 
 
 @dataclass(frozen=True)
@@ -183,6 +185,7 @@ def field_docs(cls) -> dict[str, str]:
 
 __all__ = [
     "CONTRASTIVE_MODES",
+    "MRL_DIMS",
     "PRESETS",
     "HeadConfig",
     "TrainConfig",

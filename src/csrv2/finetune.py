@@ -43,21 +43,20 @@ from tqdm.auto import tqdm
 
 from . import distributed as dist
 from .atomic import write_folder, write_json
-from .config import HeadConfig, TrainConfig, resolve_device, resolve_k_init
+from .config import MRL_DIMS, HeadConfig, TrainConfig, resolve_device, resolve_k_init
 from .data.backbones import ImageBackbone, TextBackbone
 from .data.training import class_ids
 from .errors import InputError
-from .eval.baselines import MRL_DIMS, matryoshka_loss
 from .export import to_sparse_encoder
 from .head import SparseHead
 from .model import SETTINGS_FILE, load_head, read_settings, write_head_files
+from .objective import matryoshka_loss, step_losses
 from .schedule import k_at_step
 from .trainer import (
     LOG_FILE,
     STATE_FILE,
     epoch_order,
     latest_checkpoint,
-    step_losses,
     tf32_matmuls,
     truncate_log,
     update_dead_counters,

@@ -13,6 +13,7 @@ dead-latent counters, and `encode(x, k)` takes k as an argument.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -23,7 +24,6 @@ from tqdm.auto import tqdm
 from .codes import SparseCodes
 from .config import HeadConfig, check_k
 from .errors import InputError
-from .losses import gather_pays
 
 
 class SparseHead(nn.Module):
@@ -109,21 +109,23 @@ class SparseHead(nn.Module):
             out = out + mu
         return out
 
-    def decode_sums(self, codes: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+    def decode_sums(self, codes: list[tuple[torch.Tensor, torch.Tensor]], gathered: Sequence[bool] | None = None) -> list[torch.Tensor]:
         """W^T z for several code sets at once: [(indices (batch, k_i), values (batch, k_i))] -> [(batch, input_dim)].
 
-        Each set is decoded by gathering its rows of W when its width is small (`gather_pays`), else
-        zero-filled. The gathered sets share one embedding_bag, so the backward pass builds W's
-        gradient once for them; the zero-filled ones share one (sets * batch, hidden_dim) x
-        (hidden_dim, input_dim) product.
+        gathered[i]: set i is decoded by gathering its rows of W (True; every set by default) or zero-filled
+        (False); which is cheaper depends on its width and the device, so the caller says (objective.gather_pays).
+        The gathered sets share one embedding_bag, so the backward pass builds W's gradient once for them;
+        the zero-filled ones share one (sets * batch, hidden_dim) x (hidden_dim, input_dim) product.
         """
         batch, h, weight = codes[0][0].shape[0], self.config.hidden_dim, self.encoder.weight
-        gathered = [gather_pays(idx.shape[1], h, weight.device) for idx, _ in codes]
+        gathered = [True] * len(codes) if gathered is None else list(gathered)
+        if len(gathered) != len(codes):
+            raise ValueError(f"decode_sums got {len(codes)} code sets but {len(gathered)} gathered flags; pass one flag per set")
         out: list[torch.Tensor | None] = [None] * len(codes)
         dense = [i for i, g in enumerate(gathered) if not g]
         if dense:
             z = torch.cat([torch.zeros(batch, h, dtype=codes[i][1].dtype, device=weight.device).scatter(1, *codes[i]) for i in dense])
-            for i, part in zip(dense, (z @ weight).split(batch)):  # z: (len(dense) * batch, hidden_dim)
+            for i, part in zip(dense, (z @ weight).split(batch), strict=True):  # z: (len(dense) * batch, hidden_dim)
                 out[i] = part
         bags = [i for i, g in enumerate(gathered) if g]
         if bags:
@@ -135,9 +137,9 @@ class SparseHead(nn.Module):
             for width in widths:
                 starts.append(starts[-1] + batch * width)
             offsets = torch.cat([torch.arange(start, end, width, device=flat_idx.device)
-                                 for start, end, width in zip(starts, starts[1:], widths)])
+                                 for start, end, width in zip(starts[:-1], starts[1:], widths, strict=True)])
             sums = F.embedding_bag(flat_idx, weight, offsets, mode="sum", per_sample_weights=flat_val)
-            for i, part in zip(bags, sums.split(batch)):
+            for i, part in zip(bags, sums.split(batch), strict=True):
                 out[i] = part
         return out
 

@@ -13,8 +13,8 @@ work they hold. Here one pass per latent r, over the pairs (i, j) that selected 
     dL/db_lat[r] = sum dL/dpre_ij
 with each latent's row written by one thread; dL/dx_i = sum_j dL/dpre_ij W[idx_ij] is one gather, needed
 only when x itself is trained (finetuning): b_pre's gradient is -dL/db_lat W.
-Without numba (`pip install "csrv2[fast]"`) the trainer keeps autograd's path, the reference the tests
-hold this one to.
+objective.fast_losses runs through them where `available`; without numba (`pip install "csrv2[fast]"`) it
+keeps autograd's path. The tests hold both to objective.reference_losses.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ except ImportError:
     numba = None
 
 ENABLED = True
-"""Whether CPU training uses this path when numba is installed (benchmarks switch it off to compare)."""
+"""Whether CPU training uses this path when numba is installed (benchmarks and tests switch it off to compare)."""
 
 STRIDES = 64
 """Parallel loops deal their rows out in this many strides (r, r + STRIDES, ...), whatever the thread count."""

@@ -12,7 +12,7 @@ import json
 import math
 import os
 import shutil
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from importlib.metadata import version
 from pathlib import Path
 
@@ -21,151 +21,18 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed as dist
-from . import kernels
 from .atomic import write_folder, write_json, write_text
 from .config import HeadConfig, TrainConfig, preset, resolve_device, resolve_k_init
 from .data.training import TrainingData, class_ids
 from .errors import InputError
 from .head import SparseHead
-from .losses import (
-    auxk_loss,
-    pairs_contrastive_from_logits,
-    reconstruction_loss,
-    residual_spread,
-    sparse_cosine_logits,
-    supervised_contrastive_from_logits,
-    total_loss,
-)
 from .model import WEIGHTS_FILE, load_head, read_settings, save_head, write_head_files
+from .objective import Objective
 from .schedule import k_at_step
 
 LOSS_NAMES = ("loss", "loss_k", "loss_4k", "loss_aux", "loss_cl")
 LOG_FILE = "train_log.jsonl"
 STATE_FILE = "state.pt"
-
-
-def step_losses(
-    head: SparseHead,
-    x: torch.Tensor,
-    k: int,
-    dead: torch.Tensor,
-    cfg: TrainConfig,
-    mode: str,
-    labels: torch.Tensor | None = None,
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """The CSRv2 objective on one batch, with one encoder product.
-
-    x: (n, input_dim), for mode "pairs" the queries then their documents (n/2 each); dead: (hidden_dim,)
-    bool; labels: (n,) for mode "supervised". Returns the losses (0-dim tensors) and fired:
-    (hidden_dim,) bool, the latents active in some top-k code.
-
-    What keeps it cheap: the top-k and top-4k come from one top-4k of the pre-activations (topk is
-    sorted, so its first k columns are the top-k); x_hat_4k = x_hat_k + the rows of latents
-    k+1..4k, each code set decoded by gathering rows of W when it is small; AuxK reads only dead
-    latents (on CPU it costs nothing when none is dead; on a GPU it never waits for the host) and
-    never edits the pre-activations in place; the contrastive loss reads the single view of the
-    codes, which the official recipe recomputes as an identical copy, and gathers its similarities.
-    On CPUs with numba, selection, decoding and the whole backward of the head run compiled
-    (kernels.py): autograd's dense products and zero-filled buffers cost more than the sparse
-    work they hold there.
-    """
-    h = head.config.hidden_dim
-    x_in, mu, std = head.standardize(x)
-    compiled = kernels.available(x.device, head.weight.dtype)
-    with torch.no_grad() if compiled else nullcontext():  # the compiled path builds the gradients itself
-        pre = head.project(x_in)  # (n, h)
-    if compiled:
-        idx_4k = kernels.top_latents(pre, k, min(4 * k, h))  # (n, 4k), the top-k first
-        val_k = pre.gather(1, idx_4k[:, :k])  # before the ReLU: read only for `fired`, replaced by z below
-    else:
-        top = pre.topk(min(4 * k, h), dim=1)
-        idx_4k, val_4k = top.indices, top.values.relu()  # (n, 4k), largest first
-        val_k = val_4k[:, :k]  # (n, k)
-    idx_k = idx_4k[:, :k]  # (n, k)
-    fired = torch.zeros(h, device=x.device).index_add_(0, idx_k.reshape(-1), (val_k > 0).reshape(-1).float()) > 0
-    fired = dist.any_rank(fired)  # in the global batch, when it is split across processes
-    # a latent that fires in this batch is not dead for it (as in the official recipe, whose
-    # counters are updated by the top-k before AuxK reads them)
-    dead = dead & ~fired
-    if compiled:
-        idx_aux = _dead_top(pre, dead, head.config.k_aux)  # (n, k_aux or fewer)
-        z, sum_k, sum_rest, sum_aux = kernels.select(
-            x_in, head.pre_bias, head.weight, head.latent_bias, pre, torch.cat([idx_4k, idx_aux], 1),
-            (k, idx_4k.shape[1] - k, idx_aux.shape[1]))
-        val_k = z[:, :k]
-    else:
-        sum_k, sum_rest = head.decode_sums([(idx_k, val_k), (idx_4k[:, k:], val_4k[:, k:])])  # (n, d) each
-    x_hat_k = head.unstandardize(sum_k, std, mu)
-    x_hat_4k = head.unstandardize(sum_k + sum_rest, std, mu)
-    residual = x - x_hat_k.detach()
-    if not compiled:
-        loss_aux = _auxk(head, pre, dead, residual, std)
-    elif idx_aux.shape[1]:
-        loss_aux = _auxk_loss(head, sum_aux, residual, std, dead.any())
-    else:
-        loss_aux = torch.zeros((), device=x.device)
-    losses = {
-        "loss_k": reconstruction_loss(x, x_hat_k),
-        "loss_4k": reconstruction_loss(x, x_hat_4k),
-        "loss_aux": loss_aux,
-        "loss_cl": _contrastive(idx_k, val_k, h, mode, labels, cfg.temperature),
-    }
-    losses["loss"] = total_loss(**losses, multi_k_coef=cfg.multi_k_coef, aux_coef=cfg.aux_coef, cl_coef=cfg.cl_coef)
-    return losses, fired
-
-
-def _auxk(head: SparseHead, pre: torch.Tensor, dead: torch.Tensor, residual: torch.Tensor, std, read_count: bool | None = None) -> torch.Tensor:
-    """AuxK from the dead latents' pre-activations. pre: (n, h); residual: (n, d), gradient already stopped.
-
-    read_count (default: on CPU) lets the host read how many latents are dead and pick the cheaper
-    path; on a GPU that read would stall the step until the device catches up, so both give one result.
-    """
-    h, k_aux = head.config.hidden_dim, head.config.k_aux
-    if pre.device.type == "cpu" if read_count is None else read_count:
-        dead_ids = dead.nonzero().squeeze(1)  # (n_dead,); with none dead the loss is 0 and costs nothing
-        if len(dead_ids) == 0:
-            return torch.zeros((), device=pre.device)
-        if 2 * len(dead_ids) <= h:  # few dead: work on their columns only, a (n, n_dead) x (n_dead, d) product
-            top = pre[:, dead_ids].topk(min(k_aux, len(dead_ids)), dim=1)
-            z = torch.zeros(len(pre), len(dead_ids), dtype=pre.dtype, device=pre.device).scatter(1, top.indices, top.values.relu())
-            return _auxk_loss(head, z @ head.weight[dead_ids], residual, std, dead.any())
-    # Mask a copy of pre: live latents are -inf, so any of them the top k_aux still takes (fewer than k_aux
-    # dead) is zeroed by the ReLU, and with none dead the loss is 0, all without reading the count.
-    top = pre.masked_fill(~dead, -torch.inf).topk(k_aux, dim=1, sorted=False)
-    return _auxk_loss(head, head.decode_sums([(top.indices, top.values.relu())])[0], residual, std, dead.any())
-
-
-def _dead_top(pre: torch.Tensor, dead: torch.Tensor, k_aux: int) -> torch.Tensor:
-    """AuxK's latents: per row of pre (n, h), the k_aux largest among the dead ones (all of them when fewer
-    are dead) -> (n, min(k_aux, n_dead)) latent ids; reads the dead count, so for CPUs only."""
-    dead_ids = dead.nonzero().squeeze(1)  # (n_dead,)
-    count = min(k_aux, len(dead_ids))
-    return kernels.top_latents(pre, count, count, dead_ids) if count else dead_ids.new_zeros(len(pre), 0)
-
-
-def _auxk_loss(head: SparseHead, sums: torch.Tensor, residual: torch.Tensor, std, any_dead: torch.Tensor) -> torch.Tensor:
-    """auxk_loss of the dead latents' W^T z_aux sums: (n, d); its normaliser over the global batch when
-    the batch is split across processes (distributed.py)."""
-    baseline = residual_spread(dist.sum_over_ranks(residual.sum(0)), dist.sum_over_ranks(residual.square().sum()), len(residual) * dist.world_size())
-    return auxk_loss(residual, head.unstandardize(sums, std, bias=False), any_dead, baseline)
-
-
-def _contrastive(idx: torch.Tensor, val: torch.Tensor, h: int, mode: str, labels, temperature: float) -> torch.Tensor:
-    """The contrastive loss on the k-sparse codes (idx, val): (n, k); across processes, this rank's rows
-    against the codes of the whole global batch (distributed.py), which travel as (n, k) pairs."""
-    if mode == "none":
-        return torch.zeros((), device=val.device)
-    if mode == "pairs":
-        (qi, di), (qv, dv) = idx.chunk(2), val.chunk(2)
-    else:
-        qi, di, qv, dv = idx, idx, val, val
-    n, offset = len(qi), dist.rank() * len(qi)
-    logits = sparse_cosine_logits(qi, qv, dist.gather_labels(di), dist.gather(dv), h, temperature)  # (n, world x n)
-    if mode == "pairs":
-        return pairs_contrastive_from_logits(logits, offset)
-    if mode == "self":
-        labels = torch.arange(n, device=val.device) + offset
-    return supervised_contrastive_from_logits(logits, labels, dist.gather_labels(labels), offset)
 
 
 @contextmanager
@@ -209,17 +76,6 @@ def contrastive_mode(cfg: TrainConfig, data: TrainingData) -> str:
     if mode in ("self", "none") and data.documents is not None:
         raise InputError(f"contrastive {mode!r} does not use documents; drop them or use contrastive 'pairs'")
     return mode
-
-
-class Objective(torch.nn.Module):
-    """The head and its objective as one module, whose forward is `step_losses`: what DistributedDataParallel wraps."""
-
-    def __init__(self, head: SparseHead, cfg: TrainConfig, mode: str) -> None:
-        super().__init__()
-        self.head, self.cfg, self.mode = head, cfg, mode
-
-    def forward(self, x: torch.Tensor, k: int, dead: torch.Tensor, labels: torch.Tensor | None):
-        return step_losses(self.head, x, k, dead, self.cfg, self.mode, labels)
 
 
 class Trainer:

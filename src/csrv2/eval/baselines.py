@@ -17,19 +17,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save
 from tqdm.auto import tqdm
 
-from .. import distributed as dist
 from ..atomic import write_bytes, write_json
-from ..config import TrainConfig, resolve_device
+from ..config import MRL_DIMS, TrainConfig, resolve_device
 from ..data.training import TrainingData
 from ..errors import InputError
-from ..losses import pairs_contrastive_from_logits, supervised_contrastive_from_logits
+from ..objective import matryoshka_loss
 from ..trainer import batch_embeddings, contrastive_mode, epoch_order
 
-MRL_DIMS = (2, 4, 8, 16, 32, 64)
 MRL_CONFIG, MRL_WEIGHTS = "mrl.json", "mrl.safetensors"
 
 
@@ -69,25 +66,6 @@ def principal_directions(x: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]
     if len(vt) < m:
         raise InputError(f"a {m}-dim Matryoshka head needs at least {m} training samples and dims, got {x.shape}")
     return vt[:m], -vt[:m] @ mean
-
-
-def matryoshka_loss(z: torch.Tensor, dims: tuple[int, ...], mode: str, labels: torch.Tensor | None, temperature: float) -> torch.Tensor:
-    """Mean over m in dims of the contrastive loss on z[:, :m]. z: (batch, max(dims)), or (2 batch, .) for pairs.
-
-    Across processes (distributed.py) each rank's rows meet the prefixes of the whole global batch.
-    """
-    losses = []
-    for m in dims:
-        prefix = F.normalize(z[:, :m], dim=-1)
-        queries, columns = prefix.chunk(2) if mode == "pairs" else (prefix, prefix)
-        n, offset = len(queries), dist.rank() * len(queries)
-        logits = queries @ dist.gather(columns).T / temperature  # (n, world x n)
-        if mode == "pairs":
-            losses.append(pairs_contrastive_from_logits(logits, offset))
-        else:
-            rows = labels if mode == "supervised" else torch.arange(n, device=z.device) + offset
-            losses.append(supervised_contrastive_from_logits(logits, rows, dist.gather_labels(rows), offset))
-    return torch.stack(losses).mean()
 
 
 def train_matryoshka(data: TrainingData, cfg: TrainConfig, dims: tuple[int, ...] = MRL_DIMS, progress: bool = True) -> MatryoshkaHead:
@@ -142,4 +120,4 @@ def load_matryoshka(folder: str | os.PathLike) -> MatryoshkaHead:
     return head.eval()
 
 
-__all__ = ["MRL_DIMS", "MatryoshkaHead", "load_matryoshka", "matryoshka_loss", "principal_directions", "save_matryoshka", "train_matryoshka", "truncate"]
+__all__ = ["MatryoshkaHead", "load_matryoshka", "principal_directions", "save_matryoshka", "train_matryoshka", "truncate"]
