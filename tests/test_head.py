@@ -252,3 +252,12 @@ def test_decode_sums_wants_one_gathered_flag_per_set():
     codes = [(torch.tensor([[0, 1]]), torch.ones(1, 2))] * 2
     with pytest.raises(ValueError, match="2 code sets but 1 gathered flags"):
         head.decode_sums(codes, [True])
+
+
+def test_digest_names_the_weights_and_the_input_standardisation(make_head):
+    head = make_head()
+    assert head.digest() == make_head().digest()
+    assert head.digest() != make_head(seed=1).digest()  # same shape, other weights
+    other = make_head(normalize=True)
+    other.load_state_dict(head.state_dict())
+    assert other.digest() != head.digest()  # same weights, other codes

@@ -243,7 +243,7 @@ def _add_backbone_options(parser: argparse.ArgumentParser, default: str) -> None
 
 def _encoding(args: argparse.Namespace) -> dict:
     """The `encode_file` keywords of the options `_add_encoding_options` added."""
-    return {"k": args.k, "batch_size": args.batch_size, "device": args.device, "progress": False if args.no_progress else None}
+    return {"k": args.k, "batch_size": args.batch_size, "progress": False if args.no_progress else None}
 
 
 def _file_out(path: str | None) -> None:
@@ -282,10 +282,10 @@ def run_train(args: argparse.Namespace) -> None:
 
 
 def run_encode(args: argparse.Namespace) -> None:
-    from .model import encode_file
+    from .model import encode_file, load_head
 
     _file_out(args.out)
-    codes = encode_file(args.model, args.embeddings, **_encoding(args))
+    codes = encode_file(load_head(args.model, args.device), args.embeddings, **_encoding(args))
     codes.save(args.out)
     nnz = codes.nnz_per_row()
     print(f"wrote {args.out}: {len(codes)} codes, k = {codes.k}, non-zeros per row {nnz.min()}..{nnz.max()} (mean {nnz.mean():.2f})")
@@ -303,10 +303,11 @@ def run_index(args: argparse.Namespace) -> None:
         backbone, head = load_text_model(args.model, args.backbone, args.max_seq_length, args.device)
         index = build_text_index(head, backbone, texts, args.out, k=args.k, metric=args.metric, progress=not args.no_progress)
     else:
-        from .model import encode_file
+        from .model import encode_file, load_head
         from .search.index import InvertedIndex
 
-        index = InvertedIndex.build(encode_file(args.model, args.embeddings, **_encoding(args)), metric=args.metric)
+        head = load_head(args.model, args.device)
+        index = InvertedIndex.build(encode_file(head, args.embeddings, **_encoding(args)), metric=args.metric, head_digest=head.digest())
         index.save(args.out)
     print(f"wrote {args.out}: {index!r}, {index.bytes_per_vector():.2f} bytes per vector")
 
@@ -330,9 +331,11 @@ def run_search(args: argparse.Namespace) -> None:
         ids, scores = search_texts(index, head, backbone, queries, args.top_n, args.k)
         texts = info["texts"] if info else None
     else:
-        from .model import encode_file
+        from .model import encode_file, load_head
 
-        ids, scores = index.search(encode_file(args.model, args.embeddings, **_encoding(args)), args.top_n)
+        head = load_head(args.model, args.device)
+        index.check_head(head)  # another head's codes would land on other latents: silently wrong hits
+        ids, scores = index.search(encode_file(head, args.embeddings, **_encoding(args)), args.top_n)
     if args.out:
         import numpy as np
 

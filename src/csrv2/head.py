@@ -52,12 +52,13 @@ class SparseHead(nn.Module):
         return self.encoder.weight
 
     def digest(self) -> str:
-        """sha256 (64 hex digits) of the parameters' names, shapes and float32 bytes: the head's identity.
+        """sha256 (64 hex digits) of `normalize` and the parameters' names, shapes and float32 bytes: the head's identity.
 
         Equal for a head saved and loaded again (or moved between devices and dtypes that hold its values
-        exactly); different for another head of the same shape, whose codes would use other latents.
+        exactly); different for another head of the same shape, whose codes would use other latents, and
+        for the same weights with input standardisation switched (other codes too).
         """
-        h = hashlib.sha256()
+        h = hashlib.sha256(f"normalize={self.config.normalize};".encode())
         for name, tensor in sorted(self.named_parameters()):
             h.update(f"{name}{list(tensor.shape)};".encode())
             h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())

@@ -158,7 +158,8 @@ def read_weights(path: Path, expected: dict[str, tuple[int, ...]]) -> dict[str, 
 
 
 def load_head(folder: str | os.PathLike, device: torch.device | str = "cpu") -> SparseHead:
-    """Load a model folder written by `save_head` (or a `SparseAutoEncoder` module folder).
+    """Load a model folder written by `save_head` (or a `SparseAutoEncoder` module folder) onto `device` (a name such as
+    "auto", "cpu", "cuda:1", or a torch.device).
 
     Everything is checked before anything of the config's size is allocated: the config's keys and
     types, then the weights' names, dtypes and shapes from the safetensors header, then their values
@@ -176,12 +177,11 @@ def load_head(folder: str | os.PathLike, device: torch.device | str = "cpu") -> 
         head = SparseHead(config)
     tensors = read_weights(path, {name: tuple(p.shape) for name, p in head.named_parameters()})
     head.load_state_dict(tensors, assign=True)
-    return head.to(device).eval()
+    return head.to(resolve_device(str(device))).eval()
 
 
-def encode_file(folder: str | os.PathLike, embeddings: str | os.PathLike, k: int | None = None, *, batch_size: int = 4096,
-                device: str = "auto", progress: bool | None = None) -> SparseCodes:
-    """Encode the (n, d) embeddings of a .npy file (or the array 'embeddings' of an .npz) with the model folder's head;
+def encode_file(head: SparseHead, embeddings: str | os.PathLike, k: int | None = None, *, batch_size: int = 4096,
+                progress: bool | None = None) -> SparseCodes:
+    """Encode the (n, d) embeddings of a .npy file (or the array 'embeddings' of an .npz) with `head`;
     `encode` refuses no rows, a non-float dtype and non-finite values before any code is made."""
-    x = load_array(embeddings)
-    return encode(load_head(folder, resolve_device(device)), x, k, batch_size=batch_size, progress=progress)
+    return encode(head, load_array(embeddings), k, batch_size=batch_size, progress=progress)
