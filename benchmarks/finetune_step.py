@@ -45,10 +45,11 @@ def main(argv=None) -> None:
 
     def run(count: int) -> float:
         backbone = TextBackbone(device=str(device), max_seq_length=a.max_seq_length)
-        backbone.model  # loaded before the clock starts
+        _ = backbone.model  # loaded before the clock starts
         cfg = TrainConfig(epochs=1, batch_size=a.batch_size, device=str(device))
         start = time.perf_counter()
-        finetune_text(backbone, texts[: count * a.batch_size], labels[: count * a.batch_size], k=a.k, train=cfg, finetune=ft, progress=False)
+        rows = count * a.batch_size
+        finetune_text(backbone, texts[:rows], labels[:rows], k=a.k, train=cfg, finetune=ft, progress=False)
         if device.type == "cuda":
             torch.cuda.synchronize()
         return time.perf_counter() - start
@@ -57,13 +58,17 @@ def main(argv=None) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     seconds = run(a.steps)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**30
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     result = {"device": name, "torch": torch.__version__, "batch_size": a.batch_size, "steps": a.steps,
               "max_seq_length": a.max_seq_length, "bf16": device.type == "cuda" and ft.bf16, "lora_rank": a.lora_rank, "seconds": seconds,
               "samples_per_s": a.batch_size * a.steps / seconds, "peak_memory_gib": peak}
     print(f"{name}, torch {torch.__version__}: all-MiniLM-L6-v2 + head (k = {a.k}), batch {a.batch_size}, "
-          f"{a.max_seq_length} tokens, bf16 {result['bf16']}: {result['samples_per_s']:.1f} samples/s over {a.steps} steps, peak memory {peak:.2f} GiB")
+          f"{a.max_seq_length} tokens, bf16 {result['bf16']}: {result['samples_per_s']:.1f} samples/s over {a.steps} steps, "
+          f"peak memory {peak:.2f} GiB")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(result, f, indent=2)

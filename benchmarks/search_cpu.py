@@ -167,12 +167,15 @@ def main(argv=None):
     p.add_argument("--hidden-dim", type=int, default=16384, help="h, latents of the synthetic codes")
     p.add_argument("--ks", default="2,8", help="non-zeros per synthetic code, comma-separated")
     p.add_argument("--zipf", type=float, default=1.0, help="skew s of latent use, p_j ~ 1 / (j + 10)^s")
-    p.add_argument("--usage-from", metavar="CODES.npz", help="draw synthetic codes from the latent usage measured on these real codes (csrv2 encode), at their h, instead of the Zipf law")
+    p.add_argument("--usage-from", metavar="CODES.npz",
+                   help="draw synthetic codes from the latent usage measured on these real codes (csrv2 encode), at their h, "
+                        "instead of the Zipf law")
     p.add_argument("--codes", help="a SparseCodes .npz (csrv2 encode) to index instead of synthetic codes")
     p.add_argument("--query-codes", help="queries for --codes (default: a random sample of --codes' rows)")
     p.add_argument("--metric", default="ip", choices=("ip", "cosine"), help="our index's metric")
     p.add_argument("--dense-dims", default="2,4,8,16,32,64,384,4096", help="faiss baselines; <= 64 are named MRL")
-    p.add_argument("--max-dense-bytes", type=float, default=4e9, help="cap on n * d * 4 bytes of one faiss index (its build briefly holds twice that)")
+    p.add_argument("--max-dense-bytes", type=float, default=4e9,
+                   help="cap on n * d * 4 bytes of one faiss index (its build briefly holds twice that)")
     p.add_argument("--single", type=int, default=50, help="single queries timed (the median is reported)")
     p.add_argument("--batch", type=int, default=512, help="queries in the timed batch")
     p.add_argument("--check-n", type=int, default=10000, help="check ours against brute force up to this n")

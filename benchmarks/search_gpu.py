@@ -103,10 +103,11 @@ def main(argv=None) -> None:
         want_ids, want_scores = index.search(SparseCodes(queries.indices[:8], queries.values[:8], queries.dim), a.top_n)
         ok = np.allclose(scores[:8], want_scores, rtol=1e-4) and ((ids[:8] >= 0) == (want_ids >= 0)).all()
         print(f"k={k}: exact-index check on 8 queries {'OK' if ok else 'MISMATCH'}; build {built:.2f} s, to device {moved:.2f} s, "
-              f"mean posting list {len(index.ids) / max(1, (np.diff(index.offsets) > 0).sum()):.0f}, longest {np.diff(index.offsets).max()}")
+              f"mean posting list {len(index.ids) / max(1, (np.diff(index.offsets) > 0).sum()):.0f}, "
+              f"longest {np.diff(index.offsets).max()}")
         if not ok:
             raise SystemExit(1)
-        seconds = timed(lambda: on_device.search_tensors(queries, a.top_n), device, a.repeats)
+        seconds = timed(lambda idx=on_device, q=queries: idx.search_tensors(q, a.top_n), device, a.repeats)
         rows.append((f"csrv2 k={k} (h={a.hidden_dim})", seconds, index.nbytes / a.n))
 
     flat = {f"dense {a.dense_dim}-d": a.dense_dim, **{f"MRL-{m}": m for m in map(int, a.mrl_dims.split(","))}}

@@ -150,5 +150,6 @@ def close() -> None:
         dist.destroy_process_group()
 
 
-__all__ = ["active", "any_rank", "barrier", "check_batch", "close", "gather", "gather_labels", "init", "is_main", "rank", "same_everywhere", "shard",
+__all__ = ["active", "any_rank", "barrier", "check_batch", "close", "gather", "gather_labels", "init", "is_main", "rank",
+           "same_everywhere", "shard",
            "sum_over_ranks", "world_size", "wrap"]

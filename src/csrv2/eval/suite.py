@@ -82,7 +82,8 @@ class SuiteConfig:
     finetune_k: tuple[int, ...] = (2,)
     """Non-zeros per code of csrv2-full: each k finetunes a backbone of its own (mrl-finetuned trains one for all of --k)."""
     finetune_init: Literal["random", "linear"] = "linear"
-    """Starting head of csrv2-full: the csrv2-linear head of the same data and k (then k stays), or random (k annealed from 64); linear won on the validation splits."""
+    """Starting head of csrv2-full: the csrv2-linear head of the same data and k (then k stays), or random (k annealed from 64);
+    linear won on the validation splits."""
     finetune_epochs: int = 3
     """Training epochs of the end-to-end methods (csrv2-full, mrl-finetuned)."""
     finetune_batch_size: int = 32
@@ -96,7 +97,8 @@ class SuiteConfig:
     image_size: int = 64
     """Side in pixels images are resized to for EfficientNet-Lite0."""
     validation: bool = False
-    """Score a held-out 20% of each train split instead of the test splits, to choose settings honestly (tasks without a train split are skipped)."""
+    """Score a held-out 20% of each train split instead of the test splits, to choose settings honestly
+    (tasks without a train split are skipped)."""
     seed: int = 0
     """Seed of the data subsets and splits, weights and data order."""
     device: str = "auto"
@@ -156,7 +158,8 @@ class Suite:
         self.budget = {"epochs": self.cfg.epochs, "seed": self.cfg.seed, "device": self.cfg.device}  # every head-only method's
         self.finetune_budget = {"epochs": self.cfg.finetune_epochs, "batch_size": self.cfg.finetune_batch_size,
                                 "backbone_lr": self.cfg.backbone_lr, "seed": self.cfg.seed, "device": self.cfg.device}
-        self.finetuned: dict[tuple[Path, str], tuple[EmbeddedSet, SparseHead | None]] = {}  # (model folder, data set) -> its embeddings, head
+        # (model folder, data set) -> its embeddings, head
+        self.finetuned: dict[tuple[Path, str], tuple[EmbeddedSet, SparseHead | None]] = {}
 
     # --- the run, top to bottom -------------------------------------------------------------
     def run(self) -> dict:
@@ -226,7 +229,8 @@ class Suite:
         # One Matryoshka head (or backbone) serves every prefix, so it depends on the whole list of sizes; a sparse head on its k alone.
         size = sorted(self.cfg.k) if method.startswith("mrl-") else size
         warm = [self.cfg.finetune_init] if method == "csrv2-full" and self.cfg.finetune_init != "random" else []
-        return _hash([self.hashes[training_set], method, size, self.budget_for(training_set, method), self.cfg.hidden_dim, version("csrv2"), *warm])
+        budget = self.budget_for(training_set, method)
+        return _hash([self.hashes[training_set], method, size, budget, self.cfg.hidden_dim, version("csrv2"), *warm])
 
     def budget_for(self, training_set: str, method: str) -> dict:
         """The TrainConfig fields `method` trains with on `training_set` (plus backbone_lr for the end-to-end methods):
@@ -266,7 +270,8 @@ class Suite:
         start = time.perf_counter()
         if method == "mrl-linear":
             dims = tuple(sorted(self.cfg.k))
-            head = train_matryoshka(training_data(data, supervised=True), TrainConfig(**self.budget_for(training_set, method)), dims, progress=False)
+            budget = TrainConfig(**self.budget_for(training_set, method))
+            head = train_matryoshka(training_data(data, supervised=True), budget, dims, progress=False)
             save_matryoshka(head, folder)
             info = {}
         else:
@@ -327,7 +332,8 @@ class Suite:
 
     def stats(self, evaluated: list) -> dict:
         if isinstance(evaluated[0], SparseCodes):
-            codes = SparseCodes(np.concatenate([c.indices for c in evaluated]), np.concatenate([c.values for c in evaluated]), evaluated[0].dim)
+            indices, values = (np.concatenate([getattr(c, name) for c in evaluated]) for name in ("indices", "values"))
+            codes = SparseCodes(indices, values, evaluated[0].dim)
             return code_stats(codes)
         dim = evaluated[0].shape[1]
         return {"active_dims": float(dim), "dead_latents_pct": None, "bytes_per_vector": dense_bytes_per_vector(dim)}

@@ -15,8 +15,9 @@ Training data per task, never its test split:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Literal
 
 import numpy as np
 
@@ -169,7 +170,8 @@ def _matrix(r: Representation):
     return r.to_scipy() if isinstance(r, SparseCodes) else r
 
 
-def score(task: Task, data: EmbeddedSet, represent: Callable[[np.ndarray], Representation]) -> tuple[dict[str, float], list[Representation]]:
+def score(task: Task, data: EmbeddedSet,
+          represent: Callable[[np.ndarray], Representation]) -> tuple[dict[str, float], list[Representation]]:
     """Metrics of one representation on one task, and the evaluation-set representations it scored
     (for code statistics). Only the test side of a split is ever scored."""
     if task.kind in ("classification", "image"):
@@ -192,4 +194,5 @@ def score(task: Task, data: EmbeddedSet, represent: Callable[[np.ndarray], Repre
     raise ValueError(f"unknown task kind {task.kind!r}")
 
 
-__all__ = ["DEFAULT_TASKS", "TASKS", "EmbeddedSet", "Task", "embed_dataset", "held_out_rows", "hold_out", "score", "training_data", "training_items"]
+__all__ = ["DEFAULT_TASKS", "TASKS", "EmbeddedSet", "Task", "embed_dataset", "held_out_rows", "hold_out", "score", "training_data",
+           "training_items"]

@@ -108,7 +108,8 @@ def search_codes(
         raise InputError(f"Qdrant collection {collection!r} does not exist; write it with csrv2.search.qdrant.export_codes")
     meta = (getattr(client.get_collection(collection).config, "metadata", None) or {}).get("csrv2", {})
     if meta.get("dim", queries.dim) != queries.dim:
-        raise InputError(f"queries have dim {queries.dim} but collection {collection!r} has dim {meta['dim']}; encode queries with the head that encoded it")
+        raise InputError(f"queries have dim {queries.dim} but collection {collection!r} has dim {meta['dim']}; "
+                         "encode queries with the head that encoded it")
     if meta.get("metric", metric) != metric:
         raise InputError(f"collection {collection!r} was exported with metric={meta['metric']!r}; search it with that metric")
     vectors = _sparse(queries, metric, "queries")
