@@ -228,14 +228,14 @@ class Run:
         self._check_folder()
 
     def _restore(self, tensors: dict[str, torch.Tensor], load_weights: Callable[[Path], None] | None) -> dict:
-        """Check the newest checkpoint whole (state, settings, data), then load it; nothing is written."""
+        """Check the newest checkpoint whole (settings and data, then the state), then load it; nothing is written."""
         ckpt = latest_checkpoint(self.out)
-        state = read_state(ckpt / STATE_FILE, self.total_steps, self.optimizer, {"rng": torch.get_rng_state(), **tensors})
         try:
             saved = read_settings(ckpt)
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise InputError(f"{ckpt / SETTINGS_FILE}: cannot be read ({e}); {START_OVER}") from e
-        refuse_other_settings(ckpt, saved, self.settings)
+        refuse_other_settings(ckpt, saved, self.settings)  # first: other options also make other shapes in the state
+        state = read_state(ckpt / STATE_FILE, self.total_steps, self.optimizer, {"rng": torch.get_rng_state(), **tensors})
         if load_weights is not None:
             load_weights(ckpt)
         try:
