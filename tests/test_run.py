@@ -295,12 +295,16 @@ def test_the_matryoshka_loop_stops_on_a_nan_loss(monkeypatch):
 
 # --- the folder --------------------------------------------------------------------------------------
 def test_a_folder_the_model_replaces_is_emptied_for_overwrite_and_the_lock_goes(tmp_path):
+    weight = torch.nn.Parameter(torch.ones(2))
+    with Run(tmp_path / "new", 4, replaces_folder=True, progress=False) as run:  # a folder the run makes itself
+        run.begin(torch.optim.Adam([weight]))
+        run.finish(0, lambda settings: None)
+    assert sorted(os.listdir(tmp_path / "new")) == ["run.json"]
     out = tmp_path / "model"
     (out / "old").mkdir(parents=True)
     (out / "stale.txt").write_text("x")
     with pytest.raises(InputError, match="already exists"):
         Run(out, 4, replaces_folder=True)
-    weight = torch.nn.Parameter(torch.ones(2))
     with Run(out, 4, overwrite=True, replaces_folder=True, progress=False) as run:
         run.begin(torch.optim.Adam([weight]), {"train": TrainConfig()})
         assert sorted(os.listdir(out)) == [LOCK_FILE, "run.json"]

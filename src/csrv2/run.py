@@ -202,8 +202,9 @@ class Run:
                 "world_size": dist.world_size()}
 
     # --- named steps ---------------------------------------------------------------------------
-    def _check_folder(self) -> None:
-        """Refuse what the folder cannot take; reads only."""
+    def _check_folder(self, taken: bool = False) -> None:
+        """Refuse what the folder cannot take; reads only. taken: this process made and locked the folder, so
+        a folder that holds only the lock file is new."""
         if self.out is None:
             return
         if self.out.exists() and not self.out.is_dir():
@@ -213,7 +214,7 @@ class Run:
                 raise InputError(f"{self.out}: has no checkpoint to resume from; start the run without --resume")
         elif self.overwrite:
             return
-        elif self.replaces_folder and self.out.exists():
+        elif self.replaces_folder and self.out.exists() and not (taken and set(os.listdir(self.out)) <= {LOCK_FILE}):
             raise InputError(f"{self.out}: already exists; choose another folder, pass --overwrite, or --resume a run")
         elif any((self.out / name).exists() for name in (CHECKPOINTS, LOG_FILE, WEIGHTS_FILE, SETTINGS_FILE)):
             raise InputError(f"{self.out}: already holds a training run; pass --resume to continue it or --overwrite to start over")
@@ -225,7 +226,7 @@ class Run:
         except OSError as e:
             raise InputError(f"{self.out}: cannot create the folder ({e}); choose another --out") from e
         self._lock = lock_folder(self.out)
-        self._check_folder()
+        self._check_folder(taken=True)
 
     def _restore(self, tensors: dict[str, torch.Tensor], load_weights: Callable[[Path], None] | None) -> dict:
         """Check the newest checkpoint whole (settings and data, then the state), then load it; nothing is written."""
