@@ -64,7 +64,7 @@ def test_two_ranks_follow_one_process(data, contrastive):
     for ra, rb in zip(a, b):
         for name in ("loss", "loss_k", "loss_4k", "loss_aux", "loss_cl", "dead_pct"):
             assert rb[name] == pytest.approx(ra[name], abs=1e-5), (ra["step"], name)
-    wa, wb = load_file(str(data / f"one-{contrastive}" / "model.safetensors")), load_file(str(data / f"two-{contrastive}" / "model.safetensors"))
+    wa, wb = (load_file(str(data / f"{ranks}-{contrastive}" / "model.safetensors")) for ranks in ("one", "two"))
     for name in wa:
         torch.testing.assert_close(wb[name], wa[name], atol=1e-5, rtol=0)
     assert json.loads((data / f"two-{contrastive}" / "csrv2.json").read_text())["world_size"] == 2

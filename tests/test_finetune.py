@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -89,7 +90,7 @@ def test_cli_finetune_writes_a_sparse_encoder(tmp_path, capsys):
 
     table = tmp_path / "news.csv"
     with open(table, "w", newline="") as f:
-        csv.writer(f).writerows([("body", "topic"), *zip(TEXTS, LABELS)])
+        csv.writer(f).writerows([("body", "topic"), *zip(TEXTS, LABELS, strict=True)])
     out = tmp_path / "model"
     args = ["finetune", "--data", str(table), "--text-column", "body", "--label-column", "topic", "--k", "2",
             "--hidden-dim", "32", "--epochs", "1", "--batch-size", "3", "--max-seq-length", "16", "--device", "cpu",
@@ -116,13 +117,15 @@ def test_lora_trains_adapters_and_merges_them(tmp_path, monkeypatch):
     changed = {n for n in after if not torch.equal(after[n], before[n])}
     assert changed and all(".attention.self.query." in n or ".attention.self.value." in n for n in changed)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    theirs = SparseEncoder(str(tmp_path / "lora"), device="cpu").encode(TEXTS, convert_to_tensor=True, convert_to_sparse_tensor=False).to_dense()
+    encoder = SparseEncoder(str(tmp_path / "lora"), device="cpu")
+    theirs = encoder.encode(TEXTS, convert_to_tensor=True, convert_to_sparse_tensor=False).to_dense()
     ours = torch.from_numpy(csrv2.encode(head, trained.embed(TEXTS, progress=False), progress=False).to_dense())
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
 
 
 def test_an_interrupted_run_resumes_to_the_same_model(tmp_path, monkeypatch):
-    options = dict(k=2, hidden_dim=64, train=_cfg(checkpoint_every=2, log_every=1), finetune=FinetuneConfig(backbone_lr=1e-4), progress=False)
+    options = dict(k=2, hidden_dim=64, train=_cfg(checkpoint_every=2, log_every=1), finetune=FinetuneConfig(backbone_lr=1e-4),
+                   progress=False)
     whole, whole_head = finetune_text(TextBackbone(max_seq_length=16), TEXTS, LABELS, out=tmp_path / "whole", **options)
 
     from csrv2.finetune import Finetuner
@@ -140,10 +143,11 @@ def test_an_interrupted_run_resumes_to_the_same_model(tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-000000004"]
     monkeypatch.setattr(Finetuner, "train_step", real_step)
     with pytest.raises(InputError, match="other train"):
-        finetune_text(TextBackbone(max_seq_length=16), TEXTS, LABELS, out=tmp_path / "run", resume=True, **{**options, "train": _cfg(checkpoint_every=2, log_every=1, lr=2e-3)})
+        finetune_text(TextBackbone(max_seq_length=16), TEXTS, LABELS, out=tmp_path / "run", resume=True,
+                      **{**options, "train": _cfg(checkpoint_every=2, log_every=1, lr=2e-3)})
     resumed, resumed_head = finetune_text(TextBackbone(max_seq_length=16), TEXTS, LABELS, out=tmp_path / "run", resume=True, **options)
 
-    for (name, p), q in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
+    for (name, p), q in zip(whole.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
         torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=name)
     torch.testing.assert_close(whole_head.weight, resumed_head.weight, atol=1e-6, rtol=0)
     steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
@@ -164,7 +168,8 @@ def test_matryoshka_objective_writes_a_sentence_transformer(tmp_path, monkeypatc
     np.testing.assert_allclose(loaded.encode(TEXTS), trained.embed(TEXTS, progress=False)[:, :8], atol=1e-5)
     assert json.loads((tmp_path / "mrl" / "csrv2.json").read_text())["finetune"]["mrl_dims"] == [2, 8]
     with pytest.raises(InputError, match="mrl_dims go up to 512"):
-        finetune_text(TextBackbone(max_seq_length=16), TEXTS, LABELS, finetune=FinetuneConfig(objective="matryoshka", mrl_dims=(2, 512)), progress=False)
+        finetune_text(TextBackbone(max_seq_length=16), TEXTS, LABELS, finetune=FinetuneConfig(objective="matryoshka", mrl_dims=(2, 512)),
+                      progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +205,8 @@ def test_image_bad_inputs(digits, tmp_path):
     from csrv2.finetune import finetune_images, read_image_model
 
     with pytest.raises(InputError, match="trains every parameter"):
-        finetune_images(ImageBackbone(image_size=32), digits.train_images, digits.train_labels, finetune=FinetuneConfig(lora_rank=4), progress=False)
+        finetune_images(ImageBackbone(image_size=32), digits.train_images, digits.train_labels, finetune=FinetuneConfig(lora_rank=4),
+                        progress=False)
     with pytest.raises(InputError, match="pass \\(n, H, W\\)"):
         finetune_images(ImageBackbone(image_size=32), digits.train_images[:, :, :, None], digits.train_labels, progress=False)
     with pytest.raises(InputError, match="not an image model folder"):
@@ -233,3 +239,45 @@ def test_the_head_runs_in_float32_under_bf16_autocast():
     loss.backward()
     assert loss.dtype == torch.float32 and torch.isfinite(loss) and fired.any()
     assert head.encoder.weight.grad is not None and torch.isfinite(head.encoder.weight.grad).all()
+
+
+def test_a_checkpoint_written_before_a_config_field_existed_resumes(tmp_path, monkeypatch):
+    from csrv2.finetune import Finetuner
+
+    options = dict(k=2, hidden_dim=64, train=_cfg(epochs=1, checkpoint_every=1, log_every=1), finetune=FinetuneConfig(backbone_lr=1e-4),
+                   progress=False)
+    real_step = Finetuner.train_step
+
+    def crash_at_step_3(self, rows, k):
+        if self.step == 2:
+            raise KeyboardInterrupt
+        return real_step(self, rows, k)
+
+    monkeypatch.setattr(Finetuner, "train_step", crash_at_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        finetune_text(TextBackbone(max_seq_length=16), TEXTS, LABELS, out=tmp_path / "run", **options)
+    monkeypatch.setattr(Finetuner, "train_step", real_step)
+    settings_file = tmp_path / "run" / "checkpoints" / "step-000000002" / "csrv2.json"
+    settings = json.loads(settings_file.read_text())
+    # as an older csrv2 wrote it: without fields added to the configs since, nor the data's fingerprint
+    del settings["train"]["tf32"], settings["finetune"]["bf16"], settings["finetune"]["mrl_dims"], settings["head"]["normalize"]
+    del settings["data_fingerprint"]
+    settings_file.write_text(json.dumps(settings))
+    resumed, resumed_head = finetune_text(TextBackbone(max_seq_length=16), TEXTS, LABELS, out=tmp_path / "run", resume=True, **options)
+    whole, whole_head = finetune_text(TextBackbone(max_seq_length=16), TEXTS, LABELS, out=tmp_path / "whole", **options)
+    torch.testing.assert_close(whole_head.weight, resumed_head.weight, atol=1e-6, rtol=0)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3] and not (tmp_path / "run" / ".lock").exists()
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"backbone_lr": float("nan")}, "backbone_lr must be a finite number, got nan"),
+    ({"lora_alpha": float("inf")}, "lora_alpha must be a finite number, got inf"),
+    ({"grad_accum": 2.0}, "grad_accum must be an integer >= 1, got 2.0"),
+    ({"lora_rank": True}, "lora_rank must be an integer >= 0, got True"),
+    ({"mrl_dims": (2, 4.5)}, "each of mrl_dims must be an integer >= 1, got 4.5"),
+    ({"backbone_lr": -1.0}, "backbone_lr must be >= 0, got -1.0"),
+])
+def test_finetune_config_refuses_non_finite_and_non_integer_values(fields, message):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        FinetuneConfig(**fields)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -34,7 +35,7 @@ def test_same_seed_same_weights(tmp_path):
     x, y = clustered()
     a = train(x, y, **SMALL)
     b = train(x, y, **SMALL)
-    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
         assert torch.equal(p, q), name
 
 
@@ -57,7 +58,7 @@ def test_resume_after_interruption_equals_uninterrupted_run(tmp_path, monkeypatc
     monkeypatch.setattr(Trainer, "train_step", original)
 
     resumed = train(x, y, out=tmp_path / "cut", checkpoint_every=4, resume=True, **SMALL)
-    for (name, p), q in zip(full.named_parameters(), resumed.parameters()):
+    for (name, p), q in zip(full.named_parameters(), resumed.parameters(), strict=True):
         assert torch.equal(p, q), name
     # The log holds each step once, with the same values as the uninterrupted run's.
     full_log, cut_log = log_lines(tmp_path / "full"), log_lines(tmp_path / "cut")
@@ -241,3 +242,55 @@ def test_trainer_dead_mask_boundary(monkeypatch):
     x = torch.from_numpy(data.embeddings[:4])
     trainer.train_step(x, None, 1)
     assert seen["dead"].tolist() == [False, False, False, True, True, True, False, True]
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"lr": float("inf")}, "lr must be a finite number, got inf"),
+    ({"cl_coef": float("nan")}, "cl_coef must be a finite number, got nan"),
+    ({"adam_eps": float("nan")}, "adam_eps must be a finite number, got nan"),
+    ({"decay_ratio": float("-inf")}, "decay_ratio must be a finite number, got -inf"),
+    ({"epochs": 2.0}, "epochs must be an integer >= 1, got 2.0"),
+    ({"batch_size": True}, "batch_size must be an integer >= 1, got True"),
+    ({"seed": -1}, "seed must be an integer >= 0, got -1"),
+    ({"lr": "1e-3"}, "lr must be a finite number, got '1e-3'"),
+])
+def test_train_config_refuses_non_finite_and_non_integer_values(fields, message):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        TrainConfig(**fields)
+
+
+def test_head_config_refuses_what_it_cannot_build():
+    with pytest.raises(ValueError, match="input_dim must be an integer >= 1, got 8.0"):
+        HeadConfig(8.0)
+    with pytest.raises(ValueError, match="normalize must be True or False"):
+        HeadConfig(8, normalize="yes")
+    with pytest.raises(ValueError, match="hidden_dim x input_dim = 1048576 x 4096 weights, above the 2.*hidden_dim of at most 524288"):
+        HeadConfig(4096, 2**20)
+    assert HeadConfig(4096, 2**19).hidden_dim == 2**19  # the largest allowed
+
+
+def test_training_data_refuses_overflow_nan_labels_and_missing_shards(tmp_path):
+    x, y = clustered(n=64)
+    big = x.astype(np.float64)
+    big[7, 2] = 1e300  # finite in float64, Inf in the float32 that training computes in
+    with pytest.raises(InputError, match="embeddings row 7 has values beyond float32's range"):
+        TrainingData(big)
+    TrainingData(x.astype(np.float64))  # float64 within range is fine
+    labels = y.astype(np.float64)
+    labels[[3, 9]] = np.nan
+    with pytest.raises(InputError, match="label row 3 is NaN \\(2 of 64 rows\\)"):
+        train(x, labels, **SMALL)
+    with pytest.raises(InputError, match="label row 3 is NaN"):
+        TrainingData(x, labels)
+    from csrv2.data.training import load_training_data
+
+    for number in (0, 1, 5):
+        np.save(tmp_path / f"embeddings-{number:05d}.npy", x[:4])
+    with pytest.raises(InputError, match="embeddings-00002.npy is missing \\(3 shards numbered up to 5\\)"):
+        load_training_data(tmp_path)
+    for number in (2, 3, 4):
+        np.save(tmp_path / f"embeddings-{number:05d}.npy", x[:4])
+    assert len(load_training_data(tmp_path)) == 24
+    np.save(tmp_path / "embeddings-old.npy", x[:4])
+    with pytest.raises(InputError, match="embeddings-old.npy is not a numbered shard"):
+        load_training_data(tmp_path)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import math
 import numbers
 from dataclasses import dataclass
 from typing import Literal
@@ -21,6 +22,10 @@ CONTRASTIVE_MODES = ("auto", "supervised", "pairs", "self", "none")
 PRESETS = ("csrv2", "csr")
 MRL_DIMS = (2, 4, 8, 16, 32, 64)
 """Nested prefix sizes of the Matryoshka (MRL) peers: the linear head on frozen embeddings and the finetuned backbone."""
+
+# The largest head csrv2 builds, in weights: 8 GiB of float32, 24 GiB with Adam's two moments; a larger one would
+# fail (or swap) only when allocated, after the data were read.
+MAX_WEIGHTS = 2**31
 
 
 @dataclass(frozen=True)
@@ -41,20 +46,21 @@ class HeadConfig:
     """A latent is dead when it has not fired in the top-k for more than this many optimizer steps."""
 
     def __post_init__(self) -> None:
+        check_int("input_dim", self.input_dim, 1)
+        for name in ("hidden_dim", "k_aux", "dead_threshold"):  # 0 is the default for the first two
+            check_int(name, getattr(self, name), 0)
+        check_bool("normalize", self.normalize)
         # Defaults that depend on other fields are resolved here, once, so a saved config is explicit.
         if self.hidden_dim == 0:
             object.__setattr__(self, "hidden_dim", 4 * self.input_dim)
         if self.k_aux == 0:
             object.__setattr__(self, "k_aux", max(1, self.hidden_dim // 16))
-        if self.input_dim < 1:
-            raise ValueError(f"input_dim must be >= 1, got {self.input_dim}")
-        if self.hidden_dim < 1:
-            raise ValueError(f"hidden_dim must be >= 1, got {self.hidden_dim}")
+        if self.hidden_dim * self.input_dim > MAX_WEIGHTS:
+            raise ValueError(f"hidden_dim x input_dim = {self.hidden_dim} x {self.input_dim} weights, above the 2**31 a head may have "
+                             f"(8 GiB of float32, three times that to train); pass a hidden_dim of at most {MAX_WEIGHTS // self.input_dim}")
         check_k(self.k, self.hidden_dim, "k")
         if not 1 <= self.k_aux <= self.hidden_dim:
             raise ValueError(f"k_aux must be in [1, hidden_dim={self.hidden_dim}], got {self.k_aux}")
-        if self.dead_threshold < 0:
-            raise ValueError(f"dead_threshold must be >= 0, got {self.dead_threshold}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -64,6 +70,23 @@ def check_k(k: int, hidden_dim: int, name: str = "k") -> None:
     """Raise a one-line `ValueError` unless 1 <= k <= hidden_dim."""
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or not 1 <= k <= hidden_dim:
         raise ValueError(f"{name} must be an integer in [1, hidden_dim={hidden_dim}], got {k!r}")
+
+
+def check_int(name: str, value, minimum: int) -> None:
+    """Raise a one-line `ValueError` unless value is an integer (a bool or a float is not) >= minimum."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_finite(name: str, value) -> None:
+    """Raise a one-line `ValueError` unless value is a finite real number (not NaN, not Inf, not a bool)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+
+def check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -107,14 +130,17 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.checkpoint_every < 0:
-            raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+            check_int(name, getattr(self, name), 1)
+        for name in ("checkpoint_every", "seed"):  # the data order's generator takes no negative seed
+            check_int(name, getattr(self, name), 0)
+        if self.k_init is not None:
+            check_int("k_init", self.k_init, 1)
+        for name in ("anneal", "tf32"):
+            check_bool(name, getattr(self, name))
+        for name in ("lr", "adam_eps", "temperature", "decay_ratio", "multi_k_coef", "aux_coef", "cl_coef"):
+            check_finite(name, getattr(self, name))
         if not 0 < self.decay_ratio <= 1:
             raise ValueError(f"decay_ratio must be in (0, 1], got {self.decay_ratio}")
-        if self.k_init is not None and self.k_init < 1:
-            raise ValueError(f"k_init must be >= 1, got {self.k_init}")
         for name in ("lr", "adam_eps", "temperature"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -172,7 +198,7 @@ def field_docs(cls) -> dict[str, str]:
     tree = ast.parse(inspect.getsource(cls))
     body = tree.body[0].body
     docs = {}
-    for node, nxt in zip(body, body[1:]):
+    for node, nxt in zip(body, body[1:], strict=False):  # each node with the one after it
         if (
             isinstance(node, ast.AnnAssign)
             and isinstance(nxt, ast.Expr)
@@ -189,6 +215,9 @@ __all__ = [
     "PRESETS",
     "HeadConfig",
     "TrainConfig",
+    "check_bool",
+    "check_finite",
+    "check_int",
     "check_k",
     "field_docs",
     "preset",

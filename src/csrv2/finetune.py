@@ -9,11 +9,11 @@ Two objectives, one loop, one budget:
               reaches the backbone through both the head's input and the reconstruction target.
   matryoshka  MRL as a finetuned peer: the backbone alone, trained so that every prefix of its
               embedding (dims 2..64) is an embedding of its own: the mean over prefixes of the same
-              contrastive loss on cosine similarity (baselines.matryoshka_loss).
+              contrastive loss on cosine similarity (objective.matryoshka_loss).
 One Adam optimizer with two learning rates (backbone, head). Texts train full-parameter or through
 LoRA adapters (peft), merged into the weights at the end; images (EfficientNet-Lite0) full-parameter.
 
-The run folder `out` holds, while training, `train_log.jsonl` and `checkpoints/step-N/`
+The run folder `out` (run.py) holds, while training, `train_log.jsonl` and `checkpoints/step-N/`
 (backbone.safetensors, the head's files, state.pt with optimizer, step, dead-latent counters and
 RNG, read with weights_only=True); `resume` continues from the newest. At the end `out` is replaced,
 whole, by the model (with the log):
@@ -26,24 +26,21 @@ Every model folder has csrv2.json with the settings of the run; `read_image_mode
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import math
 import os
 import shutil
 from dataclasses import dataclass
-from importlib.metadata import version
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
-from tqdm.auto import tqdm
 
 from . import distributed as dist
 from .atomic import write_folder, write_json
-from .config import MRL_DIMS, HeadConfig, TrainConfig, resolve_device, resolve_k_init
+from .config import MRL_DIMS, HeadConfig, TrainConfig, check_bool, check_finite, check_int, resolve_device, resolve_k_init
 from .data.backbones import ImageBackbone, TextBackbone
 from .data.training import class_ids
 from .errors import InputError
@@ -51,16 +48,12 @@ from .export import to_sparse_encoder
 from .head import SparseHead
 from .model import SETTINGS_FILE, load_head, read_settings, write_head_files
 from .objective import matryoshka_loss, step_losses
+from .run import LOG_FILE, Run, fingerprint
 from .schedule import k_at_step
 from .trainer import (
-    LOG_FILE,
-    STATE_FILE,
     epoch_order,
-    latest_checkpoint,
     tf32_matmuls,
-    truncate_log,
     update_dead_counters,
-    write_checkpoint,
 )
 
 BACKBONE_WEIGHTS = "backbone.safetensors"
@@ -90,11 +83,16 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {self.objective!r}")
-        if self.backbone_lr < 0 or self.grad_accum < 1:
-            raise ValueError(f"backbone_lr must be >= 0 and grad_accum >= 1, got {self.backbone_lr} and {self.grad_accum}")
-        if self.lora_rank < 0 or self.lora_alpha < 0:
-            raise ValueError(f"lora_rank and lora_alpha must be >= 0, got {self.lora_rank} and {self.lora_alpha}")
-        if not self.mrl_dims or list(self.mrl_dims) != sorted(set(self.mrl_dims)) or self.mrl_dims[0] < 1:
+        check_int("grad_accum", self.grad_accum, 1)
+        check_int("lora_rank", self.lora_rank, 0)
+        check_bool("bf16", self.bf16)
+        for name in ("backbone_lr", "lora_alpha"):
+            check_finite(name, getattr(self, name))
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for dim in self.mrl_dims:
+            check_int("each of mrl_dims", dim, 1)
+        if not self.mrl_dims or list(self.mrl_dims) != sorted(set(self.mrl_dims)):
             raise ValueError(f"mrl_dims must be increasing positive sizes, got {self.mrl_dims}")
 
 
@@ -133,12 +131,13 @@ class EndToEnd(torch.nn.Module):
 
 
 class Finetuner:
-    """Trains a backbone (and a sparse head for the csrv2 objective) end to end; owns the loop, checkpoints and the final folder.
+    """Trains a backbone (and a sparse head for the csrv2 objective) end to end; owns the loop and the final folder.
 
     items: n texts or (n, H, W[, 3]) images; labels: (n,) for the supervised loss; documents: n texts
-    paired with `items` as queries, for the pairs loss. Under torchrun each rank takes its shard of every
-    global batch and DDP averages the gradients (distributed.py); only rank 0 logs and writes files.
-    BatchNorm statistics (images) stay per rank.
+    paired with `items` as queries, for the pairs loss. The run's folder, resume, log and checkpoints
+    are a `Run` (run.py). Under torchrun each rank takes its shard of every global batch and DDP
+    averages the gradients (distributed.py); only rank 0 logs and writes files. BatchNorm statistics
+    (images) stay per rank.
     """
 
     def __init__(
@@ -171,12 +170,14 @@ class Finetuner:
                 raise InputError(f"{len(other)} {name} for {len(items)} items; pass one per item")
         if not self.text and (documents is not None or self.ft.lora_rank):
             raise InputError("image training takes labels (or nothing) and trains every parameter; drop documents and lora_rank")
-        if resume and overwrite:
-            raise InputError("resume and overwrite exclude each other; choose one")
-        self.out = None if out is None else Path(out)
-        if self.out is not None and self.out.exists() and not (resume or overwrite):  # before hours of training
-            raise InputError(f"{out}: already exists; choose another folder, pass --overwrite, or --resume a run")
-        self.backbone, self.items, self.documents, self.resume, self.progress = backbone, items, documents, resume, progress and dist.is_main()
+        self.per_step = self.cfg.batch_size * self.ft.grad_accum
+        self.steps_per_epoch = math.ceil(len(items) / self.per_step)
+        self.total_steps = self.steps_per_epoch * self.cfg.epochs
+        # The model replaces the whole folder at the end; its checks come before hours of training.
+        self.run = Run(out, self.total_steps, resume=resume, overwrite=overwrite, replaces_folder=True, log_every=self.cfg.log_every,
+                       checkpoint_every=self.cfg.checkpoint_every, progress=progress, desc="finetune")
+        self.out = self.run.out
+        self.backbone, self.items, self.documents = backbone, items, documents
         self.mode = "supervised" if labels is not None else "pairs" if documents is not None else "self"
         self.labels = None if labels is None else torch.from_numpy(class_ids(np.asarray(labels)))
 
@@ -188,8 +189,9 @@ class Finetuner:
         self.head, self.started_from_head = None, head is not None
         groups = [{"params": [p for p in self.model.parameters() if p.requires_grad], "lr": self.ft.backbone_lr}]
         if head is not None and (self.ft.objective != "csrv2" or head.config.input_dim != backbone.dim):
-            raise InputError(f"a starting head needs the csrv2 objective and {backbone.dim}-d inputs, got a {head.config.input_dim}-d head; "
-                             "pass a head trained on this backbone's embeddings")
+            raise InputError(f"a starting head needs the csrv2 objective and {backbone.dim}-d inputs, "
+                             f"got a {head.config.input_dim}-d head; pass a head trained on this backbone's embeddings")
+        self.counters = None
         if self.ft.objective == "csrv2":
             self.head_config = head.config if head is not None else HeadConfig(backbone.dim, hidden_dim, k)
             self.head = SparseHead(self.head_config, torch.Generator().manual_seed(self.cfg.seed)).to(self.device)
@@ -197,16 +199,15 @@ class Finetuner:
                 self.head.load_state_dict(head.state_dict())
             groups.append({"params": list(self.head.parameters()), "lr": self.cfg.lr})
             annealed = self.cfg.anneal and head is None
-            self.k_init = resolve_k_init(self.cfg.k_init, self.head_config.k, self.head_config.hidden_dim) if annealed else self.head_config.k
-            self.counters = torch.zeros(self.head_config.hidden_dim, dtype=torch.long, device=self.device)
+            h = self.head_config.hidden_dim
+            self.k_init = resolve_k_init(self.cfg.k_init, self.head_config.k, h) if annealed else self.head_config.k
+            self.counters = torch.zeros(h, dtype=torch.long, device=self.device)
         elif max(self.ft.mrl_dims) > backbone.dim:
-            raise InputError(f"mrl_dims go up to {max(self.ft.mrl_dims)} but the backbone makes {backbone.dim}-d embeddings; pass smaller dims")
+            raise InputError(f"mrl_dims go up to {max(self.ft.mrl_dims)} but the backbone makes {backbone.dim}-d embeddings; "
+                             "pass smaller dims")
         # find_unused_parameters: a backbone may hold weights its embedding does not use (BERT's pooler)
         self.objective = dist.wrap(EndToEnd(backbone, self.head, self.cfg, self.ft, self.mode), self.device, find_unused_parameters=True)
         self.optimizer = torch.optim.Adam(groups, eps=self.cfg.adam_eps)
-        self.per_step = self.cfg.batch_size * self.ft.grad_accum
-        self.steps_per_epoch = math.ceil(len(items) / self.per_step)
-        self.total_steps = self.steps_per_epoch * self.cfg.epochs
         self.step = 0
         self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda" and self.ft.bf16)
 
@@ -214,25 +215,26 @@ class Finetuner:
     def fit(self) -> tuple[TextBackbone | ImageBackbone, SparseHead | None]:
         """Train to the last step (from the newest checkpoint when resuming); returns the trained backbone and head."""
         torch.manual_seed(self.cfg.seed)  # dropout and drop-connect in the backbone
-        self._prepare_run_folder()
-        self.model.train()
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="finetune", unit="step", disable=not self.progress)
-        while self.step < self.total_steps:
-            epoch, position = divmod(self.step, self.steps_per_epoch)
-            rows = epoch_order(self.cfg.seed, epoch, len(self.items))[position * self.per_step : (position + 1) * self.per_step]
-            k = self.current_k()
-            loss = self.train_step(rows, k)
-            self.step += 1
-            bar.update(1)
-            if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
-                record = self._log(loss, k, epoch)
-                bar.set_postfix(loss=f"{record['loss']:.4g}", **({} if k is None else {"k": k, "dead": f"{record['dead_pct']:.1f}%"}))
-            if self.out is not None and dist.is_main() and self.step < self.total_steps and self.step % (self.cfg.checkpoint_every or self.steps_per_epoch) == 0:
-                self._checkpoint()
-        bar.close()
-        trained = self._trained_backbone()
-        if self.out is not None and dist.is_main():
-            self._write_model(trained)
+        with self.run as run:
+            restored = run.begin(self.optimizer, self._settings(), self._tensors(), self._load_weights)
+            if restored is not None:
+                self.step = restored["step"]
+                if self.head is not None:
+                    self.counters = restored["counters"].to(self.device)
+            self.model.train()
+            while self.step < self.total_steps:
+                epoch, position = divmod(self.step, self.steps_per_epoch)
+                rows = epoch_order(self.cfg.seed, epoch, len(self.items))[position * self.per_step : (position + 1) * self.per_step]
+                k = self.current_k()
+                loss = self.train_step(rows, k)
+                self.step += 1
+                run.advance()
+                if run.log_due(self.step):
+                    self._log(loss, k, epoch)
+                if run.checkpoint_due(self.step, self.steps_per_epoch):
+                    run.checkpoint(self.step, self._tensors(), self._write_weights)
+            trained = self._trained_backbone()
+            run.finish(self.step, lambda settings: self._write_model(trained, settings))
         return trained, self.head
 
     def dead_fraction(self) -> float:
@@ -246,7 +248,7 @@ class Finetuner:
 
     def train_step(self, rows: np.ndarray, k: int | None) -> float:
         """One optimizer step over the global batch `rows` (in grad_accum micro-batches, each sharded over
-        the ranks); returns the step's mean loss."""
+        the ranks), unless its loss is NaN or Inf (then the run stops); returns the step's mean loss."""
         dead = None if self.head is None else self.counters > self.head_config.dead_threshold
         fired = None if self.head is None else torch.zeros_like(dead)
         self.optimizer.zero_grad(set_to_none=True)
@@ -265,6 +267,7 @@ class Finetuner:
             total += loss.detach() * len(micro) / len(rows)
             if fired_now is not None:
                 fired |= fired_now
+        self.run.watch(total, self.step + 1)
         self.optimizer.step()
         if self.head is not None:
             self.counters = update_dead_counters(self.counters, fired)
@@ -278,68 +281,36 @@ class Finetuner:
         return [self.items[i] for i in rows] + ([self.documents[i] for i in rows] if self.mode == "pairs" else [])
 
     def _settings(self) -> dict:
-        settings = {"csrv2_version": version("csrv2"), "train": self.cfg.to_dict(), "finetune": dataclasses.asdict(self.ft),
-                    "backbone": self.backbone.name, "contrastive": self.mode, "samples": len(self.items),
-                    "total_steps": self.total_steps, "step": self.step, "world_size": dist.world_size()}
+        """What defines the run (run.py adds the version, step and steps): compared when resuming."""
+        labels = None if self.labels is None else self.labels.numpy()
+        settings = {"train": self.cfg, "finetune": self.ft, "backbone": self.backbone.name, "contrastive": self.mode,
+                    "samples": len(self.items), "data_fingerprint": fingerprint(self.items, labels, self.documents)}
         if self.head is not None:
-            settings |= {"head": self.head_config.to_dict(), "k_init": self.k_init, "started_from_head": self.started_from_head}
+            settings |= {"head": self.head_config, "k_init": self.k_init, "started_from_head": self.started_from_head}
         if not self.text:
             settings["image_size"] = self.backbone.image_size
         return settings
 
-    def _prepare_run_folder(self) -> None:
-        if self.out is None:
-            return
-        if self.resume:
-            self._restore()
-        elif self.out.exists() and dist.is_main():  # overwrite: start over
-            shutil.rmtree(self.out)
-        if dist.is_main():
-            self.out.mkdir(parents=True, exist_ok=True)
-        dist.barrier()
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        """The loop's own state in a checkpoint: the dead-latent counters (csrv2 objective)."""
+        return {} if self.head is None else {"counters": self.counters}
 
-    def _restore(self) -> None:
-        """Load the newest checkpoint; the settings it was written with must be this run's."""
-        ckpt = None if not self.out.is_dir() else latest_checkpoint(self.out)
-        if ckpt is None:
-            raise InputError(f"{self.out}: has no checkpoint to resume from; start the run without --resume")
-        saved, now = read_settings(ckpt), json.loads(json.dumps(self._settings()))  # tuples as JSON reads them
-        keys = ("train", "finetune", "backbone", "contrastive", "samples", "head", "started_from_head", "image_size")
-        changed = [key for key in keys if saved.get(key) != now.get(key)]
-        if changed:
-            raise InputError(f"{ckpt}: was trained with other {', '.join(changed)}; resume with the same options and data")
-        load_model(self.model, str(ckpt / BACKBONE_WEIGHTS))
+    def _load_weights(self, ckpt: Path) -> None:
+        path = ckpt / BACKBONE_WEIGHTS
+        try:
+            load_model(self.model, str(path))
+        except (OSError, RuntimeError, ValueError, SafetensorError) as e:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise InputError(f"{path}: does not load into this backbone ({reason}); start over with --overwrite") from e
         if self.head is not None:
             self.head.load_state_dict(load_head(ckpt).state_dict())
-        state = torch.load(ckpt / STATE_FILE, map_location=self.device, weights_only=True)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.step = int(state["step"])
-        if self.head is not None:
-            self.counters = state["counters"].to(self.device)
-        torch.set_rng_state(state["rng"].cpu())
-        if dist.is_main():
-            truncate_log(self.out / LOG_FILE, self.step)
 
     def _log(self, loss: float, k: int | None, epoch: int) -> dict:
         record = {"step": self.step, "epoch": epoch, "loss": loss}
         if self.head is not None:
             record |= {"k": k, "dead_pct": 100.0 * self.dead_fraction()}
-        if self.out is not None and dist.is_main():
-            with open(self.out / LOG_FILE, "a") as f:
-                f.write(json.dumps(record) + "\n")
+        self.run.log(record, loss=f"{loss:.4g}", **({} if k is None else {"k": k, "dead": f"{record['dead_pct']:.1f}%"}))
         return record
-
-    def _checkpoint(self) -> None:
-        state = {"optimizer": self.optimizer.state_dict(), "step": self.step, "rng": torch.get_rng_state()}
-        if self.head is not None:
-            state["counters"] = self.counters.cpu()
-
-        def fill(folder: Path) -> None:
-            self._write_weights(folder)
-            write_json(folder / SETTINGS_FILE, self._settings())
-            torch.save(state, folder / STATE_FILE)
-
-        write_checkpoint(self.out, self.step, fill)
 
     def _write_weights(self, folder: Path) -> None:
         """backbone.safetensors, and the head's config.json and model.safetensors (csrv2 objective): a checkpoint's or an image model's."""
@@ -359,9 +330,8 @@ class Finetuner:
             return TextBackbone.from_model(self.model, name)
         return ImageBackbone.from_model(self.model, self.backbone.image_size, name)
 
-    def _write_model(self, trained: TextBackbone | ImageBackbone) -> None:
+    def _write_model(self, trained: TextBackbone | ImageBackbone, settings: dict) -> None:
         """Replace the run folder by the model folder, whole, keeping the training log."""
-        settings = self._settings()
 
         def fill(folder: Path) -> None:
             if self.text and self.head is not None:
@@ -397,7 +367,8 @@ def read_image_model(folder: str | os.PathLike, device: str = "cpu") -> tuple[Im
     folder = Path(folder)
     settings = read_settings(folder) if folder.is_dir() else {}
     if "image_size" not in settings or not (folder / BACKBONE_WEIGHTS).is_file():
-        raise InputError(f"{folder}: not an image model folder (needs {BACKBONE_WEIGHTS} and csrv2.json); pass the --out of image finetuning")
+        raise InputError(f"{folder}: not an image model folder (needs {BACKBONE_WEIGHTS} and csrv2.json); "
+                         "pass the --out of image finetuning")
     backbone = ImageBackbone(settings["image_size"], device, weights=folder / BACKBONE_WEIGHTS)
     head = load_head(folder, device) if settings["finetune"]["objective"] == "csrv2" else None
     return backbone, head

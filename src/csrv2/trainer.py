@@ -1,38 +1,31 @@
-"""Training a sparse head on embeddings: the step, the state the trainer owns, checkpoints and logs.
+"""Training a sparse head on embeddings: the step, and the trainer that owns its state.
 
-A run folder (`out`) holds the final model (config.json, model.safetensors, csrv2.json),
-`train_log.jsonl` (one line per `log_every` steps), and `checkpoints/step-N/`: the model at step N
-plus `state.pt`, the resume state (optimizer, step, dead-latent counters, RNG), read with
-`weights_only=True`. A checkpoint folder is built aside and renamed into place, so it is whole or absent.
+The run folder (`out`: the final model, config.json, model.safetensors and csrv2.json, with its log and
+checkpoints while training), resume, locking and the stop on a non-finite loss are run.py's `Run`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import shutil
 from contextlib import contextmanager
-from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from . import distributed as dist
-from .atomic import write_folder, write_json, write_text
 from .config import HeadConfig, TrainConfig, preset, resolve_device, resolve_k_init
 from .data.training import TrainingData, class_ids
 from .errors import InputError
 from .head import SparseHead
-from .model import WEIGHTS_FILE, load_head, read_settings, save_head, write_head_files
+from .model import load_head, save_head, write_head_files
 from .objective import Objective
+from .run import Run, fingerprint
+from .run import latest_checkpoint as latest_checkpoint  # where eval/suite.py finds it
 from .schedule import k_at_step
 
 LOSS_NAMES = ("loss", "loss_k", "loss_4k", "loss_aux", "loss_cl")
-LOG_FILE = "train_log.jsonl"
-STATE_FILE = "state.pt"
 
 
 @contextmanager
@@ -81,8 +74,9 @@ def contrastive_mode(cfg: TrainConfig, data: TrainingData) -> str:
 class Trainer:
     """Trains a `SparseHead` on `TrainingData`; owns the optimizer, the step, k and the dead-latent counters.
 
-    Under torchrun each rank trains on its shard of every global batch and DDP averages the gradients,
-    which reproduces one process on the whole batch (distributed.py); only rank 0 logs and writes files.
+    The run's folder, resume, log, checkpoints and end are a `Run` (run.py). Under torchrun each rank
+    trains on its shard of every global batch and DDP averages the gradients, which reproduces one
+    process on the whole batch (distributed.py); only rank 0 logs and writes files.
     """
 
     def __init__(
@@ -100,19 +94,18 @@ class Trainer:
             raise InputError(
                 f"embeddings have {data.dim} dims but input_dim is {head_config.input_dim}; set input_dim to the embeddings' dimension"
             )
-        if resume and overwrite:
-            raise InputError("resume and overwrite exclude each other; choose one")
         self.head_config, self.cfg, self.data = head_config, train_config, data
         self.mode = contrastive_mode(train_config, data)
         h, k = head_config.hidden_dim, head_config.k
         self.k_init = resolve_k_init(train_config.k_init, k, h) if train_config.anneal else k
         self.steps_per_epoch = math.ceil(len(data) / train_config.batch_size)
         self.total_steps = self.steps_per_epoch * train_config.epochs
-        self.out = Path(out) if out is not None else None
-        self.resume, self.overwrite, self.progress = resume, overwrite, progress and dist.is_main()
         self.device = dist.init(resolve_device(train_config.device))
         dist.check_batch(train_config.batch_size)
         dist.same_everywhere((len(data), data.dim, self.mode), "data (rows, dims, contrastive form)")
+        self.run = Run(out, self.total_steps, resume=resume, overwrite=overwrite, log_every=train_config.log_every,
+                       checkpoint_every=train_config.checkpoint_every, progress=progress, desc="train")
+        self.out = self.run.out
 
         generator = torch.Generator().manual_seed(train_config.seed)
         self.head = SparseHead(head_config, generator).to(self.device)
@@ -128,41 +121,43 @@ class Trainer:
     # --- the loop, top to bottom -------------------------------------------------------------
     def fit(self) -> SparseHead:
         """Train to the last step (from the last checkpoint when resuming) and return the head."""
-        self._prepare_run_folder()
-        bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step", disable=not self.progress)
-        window = {name: torch.zeros((), device=self.device) for name in LOSS_NAMES}
-        window_steps = 0
-        while self.step < self.total_steps:
-            epoch, position = divmod(self.step, self.steps_per_epoch)
-            x, labels = self._batch(epoch, position)
-            k = self.current_k()
-            losses = self.train_step(x, labels, k)
-            for name in LOSS_NAMES:
-                window[name] += losses[name].detach()
-            window_steps += 1
-            self.step += 1
-            bar.update(1)
-            if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
-                record = self._log(window, window_steps, k, epoch)
-                bar.set_postfix(loss=f"{record['loss']:.4g}", k=k, dead=f"{record['dead_pct']:.1f}%")
-                window = {name: torch.zeros((), device=self.device) for name in LOSS_NAMES}
-                window_steps = 0
-            if self._checkpoint_due():
-                self._checkpoint()
-        bar.close()
-        self._finish()
+        with self.run as run:
+            restored = run.begin(self.optimizer, self._settings(), {"counters": self.counters}, self._load_weights)
+            if restored is not None:
+                self.step, self.counters = restored["step"], restored["counters"].to(self.device)
+            window = {name: torch.zeros((), device=self.device) for name in LOSS_NAMES}
+            window_steps = 0
+            while self.step < self.total_steps:
+                epoch, position = divmod(self.step, self.steps_per_epoch)
+                x, labels = self._batch(epoch, position)
+                k = self.current_k()
+                losses = self.train_step(x, labels, k)
+                for name in LOSS_NAMES:
+                    window[name] += losses[name].detach()
+                window_steps += 1
+                self.step += 1
+                run.advance()
+                if run.log_due(self.step):
+                    self._log(window, window_steps, k, epoch)
+                    window = {name: torch.zeros((), device=self.device) for name in LOSS_NAMES}
+                    window_steps = 0
+                if run.checkpoint_due(self.step, self.steps_per_epoch):
+                    run.checkpoint(self.step, {"counters": self.counters}, lambda folder: write_head_files(self.head, folder))
+            run.finish(self.step, lambda settings: save_head(self.head, self.out, settings))
         return self.head
 
     def current_k(self) -> int:
         return k_at_step(self.step, self.total_steps, self.k_init, self.head_config.k, self.cfg.decay_ratio)
 
     def train_step(self, x: torch.Tensor, labels: torch.Tensor | None, k: int) -> dict[str, torch.Tensor]:
-        """One optimizer step at k; updates the dead-latent counters. x: (n, input_dim)."""
+        """One optimizer step at k, unless its loss is NaN or Inf (then the run stops); updates the dead-latent
+        counters. x: (n, input_dim)."""
         dead = self.counters > self.head_config.dead_threshold
         with tf32_matmuls(self.cfg.tf32):
             losses, fired = self.objective(x, k, dead, labels)
             self.optimizer.zero_grad(set_to_none=True)
             losses["loss"].backward()
+            self.run.watch(losses["loss"], self.step + 1)
             self.optimizer.step()
         self.counters = update_dead_counters(self.counters, fired)
         return losses
@@ -183,112 +178,25 @@ class Trainer:
         return torch.from_numpy(x).to(self.device), labels
 
     def _settings(self) -> dict:
-        return {
-            "csrv2_version": version("csrv2"),
-            "train": self.cfg.to_dict(),
-            "k_init": self.k_init,
-            "contrastive": self.mode,
-            "samples": len(self.data),
-            "total_steps": self.total_steps,
-            "step": self.step,
-            "world_size": dist.world_size(),
-        }
+        """What defines the run (run.py adds the version, step and steps): compared when resuming."""
+        return {"train": self.cfg, "head": self.head_config, "k_init": self.k_init, "contrastive": self.mode, "samples": len(self.data),
+                "data_fingerprint": fingerprint(self.data.embeddings, self.data.labels, self.data.documents)}
 
-    def _prepare_run_folder(self) -> None:
-        if self.out is None:
-            return
-        if self.out.exists() and not self.out.is_dir():
-            raise InputError(f"{self.out}: exists and is not a folder; choose another --out")
-        started = (self.out / "checkpoints").exists() or (self.out / WEIGHTS_FILE).exists() or (self.out / LOG_FILE).exists()
-        dist.barrier()  # every rank has looked before rank 0 changes anything
-        if self.resume:
-            self._restore()
-        elif started and not self.overwrite:
-            raise InputError(f"{self.out}: already holds a training run; pass --resume to continue it or --overwrite to start over")
-        elif started and dist.is_main():
-            shutil.rmtree(self.out / "checkpoints", ignore_errors=True)
-            (self.out / LOG_FILE).unlink(missing_ok=True)
-        if dist.is_main():
-            self.out.mkdir(parents=True, exist_ok=True)
-            write_json(self.out / "run.json", {"head": self.head_config.to_dict(), **self._settings()})
-
-    def _restore(self) -> None:
-        """Load the latest checkpoint; its configs and data size must match this run's."""
-        ckpt = latest_checkpoint(self.out)
-        if ckpt is None:
-            raise InputError(f"{self.out}: has no checkpoint to resume from; start the run without --resume")
-        saved = read_settings(ckpt)
+    def _load_weights(self, ckpt: Path) -> None:
         head = load_head(ckpt)
-        if head.config != self.head_config:
-            raise InputError(f"{ckpt}: head config {head.config.to_dict()} differs from this run's {self.head_config.to_dict()}; resume with the same options")
-        saved_cfg = {**TrainConfig().to_dict(), **saved["train"]}  # a field added since the checkpoint has its default
-        changed = [key for key, value in self.cfg.to_dict().items() if saved_cfg.get(key) != value]
-        if changed:
-            raise InputError(f"{ckpt}: was trained with other values of {', '.join(changed)}; resume with the same options")
-        if saved["samples"] != len(self.data):
-            raise InputError(f"{ckpt}: was trained on {saved['samples']} samples, this data has {len(self.data)}; resume on the same data")
-        state = torch.load(ckpt / STATE_FILE, map_location=self.device, weights_only=True)
+        if head.config != self.head_config:  # a checkpoint's settings may predate the head's entry
+            raise InputError(f"{ckpt}: head config {head.config.to_dict()} differs from this run's {self.head_config.to_dict()}; "
+                             "resume with the same options")
         self.head.load_state_dict(head.state_dict())
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.step = int(state["step"])
-        self.counters = state["counters"].to(self.device)
-        torch.set_rng_state(state["rng"].cpu())
-        if dist.is_main():
-            truncate_log(self.out / LOG_FILE, self.step)
 
     def _log(self, window: dict[str, torch.Tensor], steps: int, k: int, epoch: int) -> dict:
         means = torch.stack([window[name] for name in LOSS_NAMES]).div(steps)
         means = (dist.sum_over_ranks(means) / dist.world_size()).tolist()  # the one sync per window
-        record = {"step": self.step, "epoch": epoch, "k": k, **dict(zip(LOSS_NAMES, means))}
+        record = {"step": self.step, "epoch": epoch, "k": k, **dict(zip(LOSS_NAMES, means, strict=True))}
         record["dead_pct"] = 100.0 * self.dead_fraction()
-        if self.out is not None and dist.is_main():
-            with open(self.out / LOG_FILE, "a") as f:
-                f.write(json.dumps(record) + "\n")
+        self.run.log(record, loss=f"{record['loss']:.4g}", k=k, dead=f"{record['dead_pct']:.1f}%")
         return record
 
-    def _checkpoint_due(self) -> bool:
-        if self.out is None or self.step == self.total_steps or not dist.is_main():
-            return False
-        every = self.cfg.checkpoint_every or self.steps_per_epoch
-        return self.step % every == 0
-
-    def _checkpoint(self) -> None:
-        state = {"optimizer": self.optimizer.state_dict(), "step": self.step, "counters": self.counters.cpu(), "rng": torch.get_rng_state()}
-
-        def fill(folder: Path) -> None:
-            write_head_files(self.head, folder, self._settings())
-            torch.save(state, folder / STATE_FILE)
-
-        write_checkpoint(self.out, self.step, fill)
-
-    def _finish(self) -> None:
-        if self.out is None or not dist.is_main():
-            return
-        save_head(self.head, self.out, self._settings())
-        shutil.rmtree(self.out / "checkpoints", ignore_errors=True)
-
-
-def write_checkpoint(out: Path, step: int, fill) -> None:
-    """Write out/checkpoints/step-N whole (fill(folder) builds it aside, then it is renamed), then drop older ones."""
-    name = f"step-{step:09d}"
-    write_folder(out / "checkpoints" / name, fill, overwrite=True)
-    for old in (out / "checkpoints").glob("step-*"):
-        if old.name != name:
-            shutil.rmtree(old, ignore_errors=True)
-
-
-def latest_checkpoint(out: Path) -> Path | None:
-    """The newest whole checkpoint folder under out/checkpoints (one with its state file), or None."""
-    done = sorted(p for p in (out / "checkpoints").glob("step-*") if (p / STATE_FILE).is_file())
-    return done[-1] if done else None
-
-
-def truncate_log(path: Path, step: int) -> None:
-    """Drop log lines written after the checkpoint we resume from, so the log has no step twice."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    write_text(path, "".join(line + "\n" for line in kept))
 
 
 def train(

@@ -41,6 +41,7 @@ class TrainingData:
                     f"labels have shape {self.labels.shape} but there are {len(self.embeddings)} embeddings; "
                     "pass one label per embedding row"
                 )
+            check_labels(self.labels)
         if self.documents is not None:
             check_embeddings(self.documents, "documents")
             if self.documents.shape != self.embeddings.shape:
@@ -98,9 +99,14 @@ def check_embeddings(x: np.ndarray, name: str, chunk_rows: int = 65536) -> None:
         raise InputError(f"{name} have dtype {x.dtype}; embeddings must be float16/32/64")
     for start in range(0, len(x), chunk_rows):
         block = np.asarray(x[start : start + chunk_rows])
-        ok = np.isfinite(block).all(axis=1)
+        # Training and encoding read float32: a float64 value beyond its range (1e300) is finite here but Inf there.
+        with np.errstate(over="ignore"):
+            ok = np.isfinite(block.astype(np.float32, copy=False)).all(axis=1)
         if not ok.all():
             row = start + int(np.argmin(ok))
+            if np.isfinite(block[row - start]).all():
+                raise InputError(f"{name} row {row} has values beyond float32's range (|x| > 3.4e38), which csrv2 computes in; "
+                                 "rescale the embeddings (e.g. normalise each row) before training or encoding")
             raise InputError(f"{name} row {row} has NaN or Inf values; drop or fix such rows before training or encoding")
 
 
@@ -151,6 +157,7 @@ def read_shards(folder: Path) -> dict[str, ShardedArray | np.ndarray]:
     if main not in found or ("queries" in found) != ("documents" in found) or ("labels" in found and main == "queries"):
         raise InputError(f"{folder}: holds shards of {sorted(found) or 'nothing'}; a shard folder holds embeddings-*.npy "
                          "(+ labels-*.npy), or queries-*.npy and documents-*.npy")
+    check_shard_numbers(folder, main, found[main])
     suffixes = [f.name[len(main):] for f in found[main]]
     for name, files in found.items():
         missing = sorted(set(suffixes) - {f.name[len(name):] for f in files})
@@ -164,8 +171,25 @@ def read_shards(folder: Path) -> dict[str, ShardedArray | np.ndarray]:
         arrays["labels"] = np.concatenate(parts)
         sizes = [len(part) for part in parts]
         if sizes != [len(s) for s in arrays[main].shards]:
-            raise InputError(f"{folder}: label shards have {sizes} rows but {main} shards {[len(s) for s in arrays[main].shards]}; write them together")
+            raise InputError(f"{folder}: label shards have {sizes} rows but {main} shards {[len(s) for s in arrays[main].shards]}; "
+                             "write them together")
     return arrays
+
+
+def check_shard_numbers(folder: Path, name: str, files: list[Path]) -> None:
+    """Raise `InputError` unless the shards NAME-NNNNN.npy are numbered 0, 1, 2, ... without a gap (a missing
+    shard would silently drop its rows)."""
+    numbers = [f.name[len(name) + 1 : -len(".npy")] for f in files]
+    odd = [f.name for f, number in zip(files, numbers, strict=True) if not number.isdigit()]
+    if odd:
+        raise InputError(f"{folder}: {odd[0]} is not a numbered shard ({name}-00000.npy, {name}-00001.npy, ...); rename or move it")
+    present = {int(number) for number in numbers}
+    if len(present) < len(numbers):
+        raise InputError(f"{folder}: two {name} shards have the same number ({', '.join(sorted(f.name for f in files))}); keep one of each")
+    missing = min(set(range(len(present) + 1)) - present)
+    if missing < max(present):
+        raise InputError(f"{folder}: {name}-{missing:05d}.npy is missing ({len(present)} shards numbered up to {max(present)}); "
+                         "shards are numbered from 0 without gaps, write the missing one or renumber them")
 
 
 def class_ids(labels: np.ndarray) -> np.ndarray:
@@ -173,7 +197,17 @@ def class_ids(labels: np.ndarray) -> np.ndarray:
     labels = np.asarray(labels)
     if labels.ndim != 1:
         raise InputError(f"labels must be 1-D (one per embedding), got shape {labels.shape}")
+    check_labels(labels)
     return np.unique(labels, return_inverse=True)[1].astype(np.int64)
+
+
+def check_labels(labels: np.ndarray) -> None:
+    """Raise `InputError` if a float label array (n,) holds NaN: a missing label, which np.unique would make one class of its own."""
+    if np.issubdtype(labels.dtype, np.floating):
+        missing = np.isnan(labels)
+        if missing.any():
+            raise InputError(f"label row {int(np.argmax(missing))} is NaN ({int(missing.sum())} of {len(labels)} rows); "
+                             "give every row a label or drop the unlabelled rows")
 
 
 def _load(path: str | os.PathLike, names: tuple[str, ...], optional: bool = False) -> dict[str, np.ndarray]:

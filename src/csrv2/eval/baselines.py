@@ -18,13 +18,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save
-from tqdm.auto import tqdm
 
 from ..atomic import write_bytes, write_json
 from ..config import MRL_DIMS, TrainConfig, resolve_device
 from ..data.training import TrainingData
 from ..errors import InputError
 from ..objective import matryoshka_loss
+from ..run import Run
 from ..trainer import batch_embeddings, contrastive_mode, epoch_order
 
 MRL_CONFIG, MRL_WEIGHTS = "mrl.json", "mrl.safetensors"
@@ -83,21 +83,27 @@ def train_matryoshka(data: TrainingData, cfg: TrainConfig, dims: tuple[int, ...]
         raise ValueError("a Matryoshka head learns only through its contrastive loss; choose a contrastive form other than 'none'")
     optimizer = torch.optim.Adam(head.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
     b = cfg.batch_size
-    steps = -(-len(data) // b)
-    bar = tqdm(total=steps * cfg.epochs, desc="train mrl", unit="step", disable=not progress)
-    for epoch in range(cfg.epochs):
-        order = epoch_order(cfg.seed, epoch, len(data))  # the sparse trainer's order
-        for position in range(steps):
+    steps_per_epoch = -(-len(data) // b)
+    total_steps = steps_per_epoch * cfg.epochs
+    with Run(None, total_steps, log_every=cfg.log_every, progress=progress, desc="train mrl") as run:
+        run.begin(optimizer)
+        for step in range(total_steps):
+            epoch, position = divmod(step, steps_per_epoch)
+            if position == 0:
+                order = epoch_order(cfg.seed, epoch, len(data))  # the sparse trainer's order
             rows = np.sort(order[position * b : (position + 1) * b])
             x = batch_embeddings(data, rows, mode == "pairs")
             labels = None if data.labels is None else torch.from_numpy(data.labels[rows]).to(device)
             loss = matryoshka_loss(head(torch.from_numpy(x).to(device)), head.dims, mode, labels, cfg.temperature)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            run.watch(loss, step + 1)
             optimizer.step()
-            bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.4g}")
-    bar.close()
+            run.advance()
+            if run.log_due(step + 1):
+                value = loss.item()
+                run.log({"step": step + 1, "loss": value}, loss=f"{value:.4g}")
+        run.finish(total_steps)
     return head.eval()
 
 
