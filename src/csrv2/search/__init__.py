@@ -1,0 +1,1 @@
+"""Searching codes: the built-in inverted index (CPU and torch devices), texts beside an index, and Qdrant."""
