@@ -35,7 +35,7 @@ def test_backbone_and_head_both_learn(run):
     from csrv2.config import HeadConfig
     from csrv2.data.training import class_ids
     from csrv2.head import SparseHead
-    from csrv2.trainer import step_losses
+    from csrv2.objective import step_losses
 
     before, trained, head, _ = run
     unchanged = [n for n, p in trained.model.named_parameters() if torch.equal(p, before[n])]

@@ -86,7 +86,8 @@ def test_annealing_and_presets_as_logged(tmp_path):
 
 def test_pairs_training_uses_the_pairs_loss(tmp_path):
     from csrv2.head import SparseHead
-    from csrv2.losses import pairs_contrastive_loss, sparse_to_dense
+    from csrv2.losses import cosine_logits, pairs_contrastive_from_logits
+    from csrv2.objective import sparse_to_dense
     from csrv2.trainer import epoch_order
 
     x, _ = clustered()
@@ -102,7 +103,7 @@ def test_pairs_training_uses_the_pairs_loss(tmp_path):
     def codes(a: np.ndarray) -> torch.Tensor:  # (n, 16) -> (n, 64) zero-filled codes at k = 16
         return sparse_to_dense(*start.encode(torch.from_numpy(a), 16), 64)
 
-    expected = float(pairs_contrastive_loss(codes(x[rows]), codes(docs[rows]), temperature=0.2))
+    expected = float(pairs_contrastive_from_logits(cosine_logits(codes(x[rows]), codes(docs[rows]), 0.2)))
     first = log_lines(tmp_path / "pairs")[0]
     assert (first["step"], first["k"]) == (1, 16)
     assert first["loss_cl"] == pytest.approx(expected, rel=1e-5)
