@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from csrv2.config import PRESETS, HeadConfig, TrainConfig, field_docs, preset, resolve_device, resolve_k_init
+from csrv2.config import DEFAULT_EPOCHS, PRESETS, HeadConfig, TrainConfig, field_docs, preset, resolve_device, resolve_k_init
 
 
 def test_head_defaults_are_resolved_into_the_config():
@@ -79,16 +79,51 @@ def test_presets_and_their_overrides():
     assert PRESETS == ("csrv2", "csr")
     v2, v1 = preset("csrv2"), preset("csr")
     assert (v2.anneal, v2.contrastive) == (True, "auto")
-    assert (v1.anneal, v1.contrastive) == (False, "self")
+    assert (v1.anneal, v1.contrastive) == (False, "unlabelled")  # pairs with documents, else self; never labels
     # everything else is the shared recipe, so the two differ only where the papers do
     assert {f for f in v2.to_dict() if v2.to_dict()[f] != v1.to_dict()[f]} == {"anneal", "contrastive"}
     assert v2 == TrainConfig()
     tuned = preset("csr", epochs=3, anneal=True)
-    assert (tuned.epochs, tuned.anneal, tuned.contrastive) == (3, True, "self")  # an override wins over the preset
+    assert (tuned.epochs, tuned.anneal, tuned.contrastive) == (3, True, "unlabelled")  # an override wins over the preset
+    assert preset("csr", contrastive="self").contrastive == "self"
     with pytest.raises(ValueError, match="^preset must be one of csrv2, csr, got 'csr3'"):
         preset("csr3")
     with pytest.raises(ValueError, match="^epochs must"):
         preset("csrv2", epochs=0)
+
+
+def test_one_head_only_budget_and_end_to_end_keeps_its_own():
+    from csrv2.eval.suite import SuiteConfig
+    from csrv2.finetune import FINETUNE_EPOCHS
+
+    assert TrainConfig().epochs == preset("csr").epochs == SuiteConfig().epochs == DEFAULT_EPOCHS == 50
+    assert SuiteConfig().finetune_epochs == FINETUNE_EPOCHS == 3
+
+
+def test_finetune_defaults_to_its_own_epochs_from_python_and_the_command_line(tmp_path, monkeypatch):
+    import csrv2.finetune
+    from csrv2.cli import build_parser, main
+    from csrv2.data.backbones import TextBackbone
+
+    texts = ["rain in the valley", "the striker scored", "rates rose", "a faster chip"]
+    finetuner = csrv2.finetune.Finetuner(TextBackbone(max_seq_length=16), texts, k=2, hidden_dim=32, progress=False)
+    assert finetuner.cfg.epochs == 3 and finetuner.total_steps == 3  # one batch of 128 an epoch
+    seen = []
+
+    class Stop(ValueError):
+        pass
+
+    def fake(*args, train, **kwargs):
+        seen.append(train.epochs)
+        raise Stop("stopped before training")
+
+    monkeypatch.setattr(csrv2.finetune, "Finetuner", fake)
+    (tmp_path / "t.csv").write_text("text,label\n" + "".join(f"{text},{i % 2}\n" for i, text in enumerate(texts)))
+    argv = ["finetune", "--data", str(tmp_path / "t.csv"), "--out", str(tmp_path / "ft"), "--no-progress"]
+    assert main(argv) == 2 and main([*argv, "--epochs", "5"]) == 2
+    assert seen == [3, 5]
+    help_ = " ".join(build_parser()._subparsers._group_actions[0].choices["finetune"].format_help().split())
+    assert "--epochs defaults to 3, not the 50 of head-only training" in help_ and "(default: 3)" in help_
 
 
 def test_resolve_device():
@@ -109,7 +144,7 @@ def test_configs_are_frozen():
         head.k = 4
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.epochs = 1
-    assert head.k == 8 and cfg.epochs == 10
+    assert head.k == 8 and cfg.epochs == 50
 
 
 @pytest.mark.parametrize("cls", [HeadConfig, TrainConfig])

@@ -26,11 +26,11 @@ def test_training_data_never_reads_the_test_split():
     train, docs = rng.normal(size=(6, 4)).astype(np.float32), rng.normal(size=(6, 4)).astype(np.float32)
     poisoned = np.full((3, 4), np.nan, dtype=np.float32)  # would fail TrainingData's finiteness check if used
     labelled = _set(train=train, test=poisoned, train_labels=np.array(list("aabbcc")), test_labels=np.array(list("abc")))
-    assert training_data(labelled, supervised=True).labels.tolist() == [0, 0, 1, 1, 2, 2]
-    assert training_data(labelled, supervised=False).labels is None
+    assert training_data(labelled, with_labels=True).labels.tolist() == [0, 0, 1, 1, 2, 2]
+    assert training_data(labelled, with_labels=False).labels is None
     pairs = _set(train=train, test=poisoned, train_documents=docs, test_documents=poisoned)
-    assert training_data(pairs, supervised=True).documents is docs
-    np.testing.assert_array_equal(training_data(pairs, supervised=False).embeddings, np.concatenate([train, docs]))
+    assert training_data(pairs, with_labels=True).documents is docs
+    assert training_data(pairs, with_labels=False).documents is docs  # pairs stay pairs, for CSR too
 
 
 def test_hold_out_scores_part_of_train_and_never_the_test_split():

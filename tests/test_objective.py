@@ -2,8 +2,7 @@
 the fast path (through autograd and compiled) against the reference in every contrastive mode, and the
 pieces of the fast path.
 
-The 4k term guards against sentence-transformers' defect (docs/method.md): there the AuxK mask zeroed the
-pre-activations in place and the 4k reconstruction decoded an empty code.
+The 4k term is held to the top 4k of the pre-activations as they are, which AuxK's mask of live latents must not change.
 """
 
 from __future__ import annotations

@@ -47,6 +47,14 @@ def test_table_and_targets():
     assert "| CSRv2 (full) | 2 | 0.880 | 0.700 | 0.790 | 98.8 | 5.0 | 12.0 |" in table
 
 
+def test_the_table_ends_with_what_each_method_trains_on():
+    table = markdown_table({"rows": ROWS, "summary": summarise(ROWS)}).splitlines()
+    assert table[-2:] == ["", "Trained on: dense: nothing; "
+                              "CSRv2-linear, MRL linear: the train split's labels, or its (query, document) pairs; "
+                              "CSR: the train split without labels, or its (query, document) pairs; "
+                              "CSRv2 (full): the train split's labels, or its (query, document) pairs, backbone included."]
+
+
 def test_plots_are_written(tmp_path):
     paths = plot_results({"rows": ROWS, "summary": summarise(ROWS)}, tmp_path)
     assert [p.name for p in paths] == ["score_vs_k.png", "dead_latents_vs_k.png"]

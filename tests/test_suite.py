@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -33,9 +34,19 @@ def hand_made() -> EmbeddedSet:
     return EmbeddedSet("bbc-news", around(train_labels), test, train_labels, wrong, sizes={"train": 32, "test": 16})
 
 
+def hand_made_pairs() -> EmbeddedSet:
+    """news-retrieval as 32 train and 16 test (query, document) pairs in 8 dims, each document its query plus a little noise."""
+    rng = np.random.default_rng(1)
+    queries = rng.normal(size=(48, DIM)).astype(np.float32)
+    documents = queries + 0.05 * rng.normal(size=queries.shape).astype(np.float32)
+    return EmbeddedSet("news-retrieval", queries[:32], queries[32:], train_documents=documents[:32], test_documents=documents[32:],
+                       sizes={"train_pairs": 32, "test_pairs": 16})
+
+
 @pytest.fixture
 def calls(monkeypatch):
-    """The suite reads `hand_made()` instead of embedding the packaged data and draws no plots; counts its trainings and scorings."""
+    """The suite reads `hand_made()` (`hand_made_pairs()` for news-retrieval) instead of embedding the packaged data and draws
+    no plots; counts its trainings and scorings."""
     counts = {"fit": 0, "score": 0}
     fit, score = Trainer.fit, suite_module.score
 
@@ -48,7 +59,8 @@ def calls(monkeypatch):
         return score(*args, **kwargs)
 
     monkeypatch.setattr(suite_module, "load_dataset", lambda name, **sizes: name)
-    monkeypatch.setattr(suite_module, "embed_dataset", lambda dataset, backbone, cache, progress=True: hand_made())
+    monkeypatch.setattr(suite_module, "embed_dataset",
+                        lambda dataset, backbone, cache, progress=True: hand_made_pairs() if dataset == "news-retrieval" else hand_made())
     monkeypatch.setattr(Trainer, "fit", counted_fit)
     monkeypatch.setattr(suite_module, "score", counted_score)
     monkeypatch.setattr(suite_module, "plot_results", lambda results, out: None)  # most of a run's time; test_report's subject
@@ -107,6 +119,40 @@ def test_a_damaged_row_is_scored_again(tmp_path, calls):
     assert calls == {"fit": 1, "score": 3}  # the dense row scored again; the head and its row reused
     assert _untimed(again) == _untimed(first)
     assert _untimed([json.loads(dense.read_text())]) == _untimed(first[:1])  # and stored whole again
+
+
+def test_csr_trains_on_the_retrieval_pairs_and_on_classification_without_labels(tmp_path, calls, monkeypatch):
+    trained = []  # (anneal, contrastive form, rows, with labels) of each head, in the order of the plan
+    fit = Trainer.fit
+
+    def recorded(self):
+        trained.append((self.cfg.anneal, self.mode, len(self.data), self.data.labels is not None))
+        return fit(self)
+
+    monkeypatch.setattr(Trainer, "fit", recorded)
+    config = _config(tmp_path, tasks=("bbc-news", "news-retrieval"), methods=("csr", "csrv2-linear"))
+    rows = reproduce(config, progress=False)["rows"]
+    assert [(r["task"], r["method"]) for r in rows] == [(t, m) for t in ("bbc-news", "news-retrieval") for m in ("csr", "csrv2-linear")]
+    assert trained == [(False, "self", 32, False), (True, "supervised", 32, True),  # bbc-news: CSR reads no labels
+                       (False, "pairs", 32, False), (True, "pairs", 32, False)]  # retrieval: both on the 32 pairs, not 64 pooled texts
+
+
+def test_only_the_csr_heads_on_pairs_change_their_keys(tmp_path, calls):
+    config = _config(tmp_path, tasks=("bbc-news", "news-retrieval"), methods=("csr", "csrv2-linear"), k=(2, 4))
+    suite = suite_module.Suite(config, progress=False)
+    for name in ("bbc-news", "news-retrieval"):
+        suite.data[name] = suite.embed(name)
+        suite.hashes[name] = suite_module._data_hash(suite.data[name])
+
+    def without_a_form(name, method, k):  # the key of a head whose contrastive form its method and data imply
+        return suite_module._hash([suite.hashes[name], method, k, suite.budget_for(name, method), config.hidden_dim, version("csrv2")])
+
+    for name in ("bbc-news", "news-retrieval"):
+        for method in ("csr", "csrv2-linear"):
+            for k in (2, 4):
+                changed = suite.head_key(name, method, k) != without_a_form(name, method, k)
+                assert changed == (name == "news-retrieval" and method == "csr"), (name, method, k)
+    assert suite.contrastive_form("news-retrieval", "csr") == "pairs" and suite.contrastive_form("bbc-news", "csr") == "self"
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ import torch
 import csrv2.objective as objective
 from csrv2 import InputError, TrainingData, load, train
 from csrv2.config import HeadConfig, TrainConfig, preset
-from csrv2.trainer import Trainer, tf32_matmuls, update_dead_counters
+from csrv2.trainer import Trainer, contrastive_mode, tf32_matmuls, update_dead_counters
 
 
 def clustered(n=192, d=16, classes=4, seed=0):
@@ -82,6 +82,20 @@ def test_annealing_and_presets_as_logged(tmp_path):
     train(x, out=tmp_path / "v1", preset_name="csr", **SMALL)
     assert {r["k"] for r in log_lines(tmp_path / "v1")} == {2}
     assert json.loads((tmp_path / "v1" / "csrv2.json").read_text())["contrastive"] == "self"
+
+
+def test_csr_trains_the_pairs_loss_on_pairs_and_never_reads_labels(tmp_path):
+    x, y = clustered()
+    docs = x + 0.05 * np.random.default_rng(1).normal(size=x.shape).astype(np.float32)
+    train(x, documents=docs, preset_name="csr", out=tmp_path / "pairs", **SMALL)
+    assert json.loads((tmp_path / "pairs" / "csrv2.json").read_text())["contrastive"] == "pairs"
+    assert {r["k"] for r in log_lines(tmp_path / "pairs")} == {2}  # fixed k, no annealing
+    csr = preset("csr")
+    assert contrastive_mode(csr, TrainingData(x, y)) == contrastive_mode(csr, TrainingData(x)) == "self"  # labels unused
+    assert contrastive_mode(preset("csr", contrastive="supervised"), TrainingData(x, y)) == "supervised"  # an override still wins
+    assert contrastive_mode(preset("csr", contrastive="self"), TrainingData(x)) == "self"
+    with pytest.raises(InputError, match="does not use documents"):
+        contrastive_mode(preset("csr", contrastive="self"), TrainingData(x, documents=docs))
 
 
 def test_pairs_training_uses_the_pairs_loss(tmp_path):

@@ -110,7 +110,7 @@ def _train_options(train: argparse.ArgumentParser) -> None:
     _add_run_options(io, resume="continue the run in --out from its last checkpoint",
                      overwrite="start over in an --out that already holds a run")
     train.add_argument("--preset", choices=PRESETS, default="csrv2", help="csrv2: k-annealing + supervised (labels) or pairs (documents) "
-                       "contrastive; csr: CSR v1, fixed k, self-supervised contrastive")
+                       "contrastive; csr: CSR v1, fixed k, pairs (documents) or self-supervised contrastive, labels unused")
     add_dataclass_options(train.add_argument_group("sparse head"), HeadConfig, HEAD_OPTIONS)
     add_dataclass_options(train.add_argument_group("training (defaults: the csrv2 preset)"), TrainConfig)
 
@@ -178,7 +178,7 @@ def _export_options(export: argparse.ArgumentParser) -> None:
 
 
 def _finetune_options(finetune: argparse.ArgumentParser) -> None:
-    from .finetune import DEFAULT_K, FinetuneConfig
+    from .finetune import DEFAULT_K, FINETUNE_EPOCHS, FinetuneConfig
 
     data = finetune.add_argument_group("data and output")
     data.add_argument("--data", required=True, metavar="NAME|FILE",
@@ -188,7 +188,9 @@ def _finetune_options(finetune: argparse.ArgumentParser) -> None:
     _add_run_options(data, resume="continue the run in --out from its newest checkpoint", overwrite="replace an existing --out")
     _add_backbone_options(finetune, DEFAULT_BACKBONE)
     finetune.add_argument("--image-size", type=int, default=64, help="side in pixels images are resized to (image data)")
-    add_dataclass_options(finetune.add_argument_group("training (lr is the head's)"), TrainConfig, FINETUNE_TRAIN_OPTIONS)
+    training = finetune.add_argument_group("training (lr is the head's)", f"End to end trains the backbone too, so --epochs defaults to "
+                                           f"{FINETUNE_EPOCHS}, not the {TrainConfig.epochs} of head-only training.")
+    add_dataclass_options(training, TrainConfig, FINETUNE_TRAIN_OPTIONS, defaults={"epochs": FINETUNE_EPOCHS})
     add_dataclass_options(finetune.add_argument_group("sparse head"), HeadConfig, ("k", "hidden_dim"), defaults={"k": DEFAULT_K})
     add_dataclass_options(finetune.add_argument_group("end to end"), FinetuneConfig)
 
@@ -387,10 +389,10 @@ def run_export(args: argparse.Namespace) -> None:
 def run_finetune(args: argparse.Namespace) -> None:
     from .data.backbones import TextBackbone
     from .data.embed import backbone_for, read_source
-    from .finetune import FinetuneConfig, Finetuner
+    from .finetune import FINETUNE_EPOCHS, FinetuneConfig, Finetuner
 
     ft = FinetuneConfig(**given(args, field_names(FinetuneConfig)))
-    train = TrainConfig(**given(args, FINETUNE_TRAIN_OPTIONS))
+    train = TrainConfig(**{"epochs": FINETUNE_EPOCHS, **given(args, FINETUNE_TRAIN_OPTIONS)})
     items = read_source(args.data, **_source(args))
     backbone = backbone_for(items, args.backbone, max_seq_length=args.max_seq_length, image_size=args.image_size)
     inputs = items.get("images", items.get("texts", items.get("queries")))

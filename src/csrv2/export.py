@@ -2,13 +2,15 @@
 
 The folder is the backbone's own modules followed by a `SparseAutoEncoder` module holding the head
 (config with exactly its six keys, weights in safetensors), written by sentence-transformers itself;
-csrv2's training settings go to a separate `csrv2.json` at the top. Reading goes the other way: any
-SparseEncoder folder whose last module is a SparseAutoEncoder (csrv2's or one published by others)
-gives its backbone and a csrv2 `SparseHead`.
+csrv2's training settings go to a separate `csrv2.json` at the top. The folder names cosine as its similarity,
+what csrv2 trains and scores codes with (sentence-transformers scores a SparseEncoder that names none by dot product).
+Reading goes the other way: any SparseEncoder folder whose last module is a SparseAutoEncoder (csrv2's or one
+published by others) gives its backbone and a csrv2 `SparseHead`, and `sparse_encoder_similarity` its similarity.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +22,8 @@ from .head import SparseHead
 from .model import SETTINGS_FILE, load_head
 
 SAE_TYPE = "sentence_transformers.sparse_encoder.modules.sparse_auto_encoder.SparseAutoEncoder"
+SIMILARITY = "cosine"  # of the codes: the contrastive losses' similarity and retrieval_metrics' ranking
+ST_CONFIG = "config_sentence_transformers.json"  # where sentence-transformers keeps a model's similarity_fn_name
 
 
 def to_sparse_encoder(backbone: TextBackbone, head: SparseHead):
@@ -36,7 +40,7 @@ def to_sparse_encoder(backbone: TextBackbone, head: SparseHead):
     missing, unexpected = sae.load_state_dict({name: p.detach().cpu() for name, p in head.named_parameters()}, strict=False)
     if unexpected or set(missing) - {"stats_last_nonzero", "decoder.linear.weight"}:
         raise RuntimeError(f"SparseAutoEncoder's parameters changed (missing {missing}, unexpected {unexpected})")
-    return SparseEncoder(modules=[*backbone.model, sae], device="cpu")
+    return SparseEncoder(modules=[*backbone.model, sae], device="cpu", similarity_fn_name=SIMILARITY)
 
 
 def export_sparse_encoder(head: SparseHead, out: str | os.PathLike, backbone: TextBackbone | None = None, *,
@@ -74,4 +78,15 @@ def read_sparse_encoder(folder: str | os.PathLike) -> tuple[TextBackbone, Sparse
     return TextBackbone.from_model(SentenceTransformer(modules=list(encoder)[:-1], device="cpu"), str(folder)), head
 
 
-__all__ = ["export_sparse_encoder", "read_sparse_encoder", "to_sparse_encoder"]
+def sparse_encoder_similarity(folder: str | os.PathLike) -> str:
+    """The similarity sentence-transformers scores a SparseEncoder folder's codes with: the `similarity_fn_name` of
+    its config_sentence_transformers.json, dot product when it names none (as SparseEncoder reads it)."""
+    path = Path(folder) / ST_CONFIG
+    try:
+        config = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError) as e:
+        raise InputError(f"{path}: not readable JSON ({e}); save the model with sentence-transformers") from e
+    return (config.get("similarity_fn_name") if isinstance(config, dict) else None) or "dot"
+
+
+__all__ = ["export_sparse_encoder", "read_sparse_encoder", "sparse_encoder_similarity", "to_sparse_encoder"]

@@ -59,6 +59,9 @@ from .trainer import (
 BACKBONE_WEIGHTS = "backbone.safetensors"
 OBJECTIVES = ("csrv2", "matryoshka")
 DEFAULT_K = 2  # end to end aims at the smallest codes; the head-only default stays HeadConfig's
+# End to end trains the backbone too, a backbone pass per batch: its own few epochs (those of the BBC example,
+# docs/benchmarks.md), not TrainConfig's head-only default.
+FINETUNE_EPOCHS = 3
 
 
 @dataclass(frozen=True)
@@ -157,9 +160,10 @@ class Finetuner:
         progress: bool = True,
         head: SparseHead | None = None,
     ) -> None:
-        """head: start from this trained head (e.g. CSRv2-linear's on the frozen embeddings; its k and
-        shape are kept, and k is not annealed again) instead of a random one."""
-        self.cfg, self.ft = train or TrainConfig(), finetune or FinetuneConfig()
+        """train: the head's recipe (default: TrainConfig's, for FINETUNE_EPOCHS epochs); head: start from this
+        trained head (e.g. CSRv2-linear's on the frozen embeddings; its k and shape are kept, and k is not annealed
+        again) instead of a random one."""
+        self.cfg, self.ft = train or TrainConfig(epochs=FINETUNE_EPOCHS), finetune or FinetuneConfig()
         self.text = isinstance(backbone, TextBackbone)
         if len(items) == 0:
             raise InputError("no items to train on; pass at least one text or image")

@@ -58,10 +58,13 @@ def update_dead_counters(counters: torch.Tensor, fired: torch.Tensor) -> torch.T
 
 
 def contrastive_mode(cfg: TrainConfig, data: TrainingData) -> str:
-    """The contrastive form the data allow: `auto` picks supervised, pairs or self; others are checked."""
+    """The contrastive form the data allow: `auto` picks supervised, pairs or self; `unlabelled` (CSR v1, which
+    reads no labels) pairs or self, labels or not; others are checked."""
     mode = cfg.contrastive
-    if mode == "auto":
-        return "supervised" if data.labels is not None else "pairs" if data.documents is not None else "self"
+    if mode == "auto" and data.labels is not None:
+        return "supervised"
+    if mode in ("auto", "unlabelled"):
+        return "pairs" if data.documents is not None else "self"
     if mode == "supervised" and data.labels is None:
         raise InputError("contrastive 'supervised' needs labels; pass --labels (or labels=) or choose another contrastive form")
     if mode == "pairs" and data.documents is None:

@@ -12,6 +12,11 @@ from ..atomic import write_file
 
 LABELS = {"dense": "dense", "mrl-truncate": "MRL truncate", "mrl-linear": "MRL linear", "mrl-finetuned": "MRL finetuned",
           "csr": "CSR", "csrv2-linear": "CSRv2-linear", "csrv2-full": "CSRv2 (full)"}
+# What each method's row trains on: the line under the table.
+LABELS_OR_PAIRS = "the train split's labels, or its (query, document) pairs"
+TRAINED_ON = {"dense": "nothing", "mrl-truncate": "nothing", "mrl-linear": LABELS_OR_PAIRS, "csrv2-linear": LABELS_OR_PAIRS,
+              "csr": "the train split without labels, or its (query, document) pairs",
+              "csrv2-full": LABELS_OR_PAIRS + ", backbone included", "mrl-finetuned": LABELS_OR_PAIRS + ", backbone included"}
 
 
 def _mean(values) -> float | None:
@@ -53,7 +58,8 @@ def _fmt(value, digits: int = 3) -> str:
 
 
 def markdown_table(results: dict) -> str:
-    """Rows: method and size; columns: each task's headline metric, the average, % of dense, dead latents, bytes per vector."""
+    """Rows: method and size; columns: each task's headline metric, the average, % of dense, dead latents, bytes per vector;
+    then a line saying what each method trains on."""
     rows, summary = results["rows"], results["summary"]
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     metric = {r["task"]: r["metric"] for r in rows}
@@ -67,7 +73,15 @@ def markdown_table(results: dict) -> str:
         cells = [LABELS[s["method"]], size, *[_fmt(s["per_task"].get(t)) for t in tasks], _fmt(s["average"]),
                  _fmt(share, 1), _fmt(s["dead_latents_pct"], 1), _fmt(s["bytes_per_vector"], 1)]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return "\n".join([*lines, "", trained_on([s["method"] for s in summary])])
+
+
+def trained_on(methods: list[str]) -> str:
+    """One line saying what each of `methods` trains on, methods that train on the same grouped together."""
+    groups: dict[str, list[str]] = defaultdict(list)
+    for method in dict.fromkeys(methods):
+        groups[TRAINED_ON[method]].append(LABELS[method])
+    return "Trained on: " + "; ".join(f"{', '.join(names)}: {what}" for what, names in groups.items()) + "."
 
 
 def target_lines(results: dict) -> list[str]:
@@ -152,4 +166,4 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-__all__ = ["markdown_table", "plot_results", "summarise", "target_lines"]
+__all__ = ["markdown_table", "plot_results", "summarise", "target_lines", "trained_on"]

@@ -5,7 +5,7 @@ score every task, then write results.json, results.md and two plots, and print t
   dense         the backbone embedding itself (one row);
   mrl-truncate  its first m dims;
   mrl-linear    a Matryoshka-trained linear head on the frozen embeddings, prefix m (baselines.py);
-  csr           CSR v1: a sparse head at fixed k, self-supervised contrastive, no labels;
+  csr           CSR v1: a sparse head at fixed k, no labels: contrastive on the pairs for retrieval, else self-supervised;
   csrv2-linear  CSRv2 head only: k annealed from 64, supervised contrastive (pairs for retrieval).
 Opt-in, since they train the backbone (csrv2-full takes about an hour on 2 CPU cores for the default suite at k = 2):
   csrv2-full    CSRv2: backbone + head trained end to end with the csrv2-linear objective (finetune.py);
@@ -35,15 +35,16 @@ from tqdm.auto import tqdm
 
 from ..atomic import write_json, write_text
 from ..codes import SparseCodes
-from ..config import HeadConfig, TrainConfig, preset, resolve_device
+from ..config import DEFAULT_EPOCHS, HeadConfig, TrainConfig, preset, resolve_device
 from ..data.backbones import ImageBackbone, TextBackbone
 from ..data.cache import EmbeddingCache
 from ..data.datasets import load_dataset
+from ..data.training import TrainingData
 from ..export import read_sparse_encoder
-from ..finetune import FinetuneConfig, Finetuner, read_image_model
+from ..finetune import FINETUNE_EPOCHS, FinetuneConfig, Finetuner, read_image_model
 from ..head import SparseHead, encode
 from ..model import load_head, read_settings, save_head
-from ..trainer import Trainer, latest_checkpoint
+from ..trainer import Trainer, contrastive_mode, latest_checkpoint
 from .baselines import load_matryoshka, save_matryoshka, train_matryoshka, truncate
 from .metrics import code_stats, dense_bytes_per_vector
 from .report import markdown_table, plot_results, summarise, target_lines
@@ -75,8 +76,9 @@ class SuiteConfig:
     """Train rows (or pairs) kept per data set, a seeded subset."""
     max_test: int = 1000
     """Test rows (or pairs) kept per data set, a seeded subset."""
-    epochs: int = 50
-    """Training epochs of every trained method (50 beat 20 on the validation splits, `--validation`; the test splits were not looked at)."""
+    epochs: int = DEFAULT_EPOCHS
+    """Training epochs of every head-only method: TrainConfig's default, chosen on the validation splits (`--validation`;
+    the test splits were not looked at)."""
     hidden_dim: int = 0
     """Latents of the sparse heads (0: 4 x the backbone dimension)."""
     finetune_k: tuple[int, ...] = (2,)
@@ -84,7 +86,7 @@ class SuiteConfig:
     finetune_init: Literal["random", "linear"] = "linear"
     """Starting head of csrv2-full: the csrv2-linear head of the same data and k (then k stays), or random (k annealed from 64);
     linear won on the validation splits."""
-    finetune_epochs: int = 3
+    finetune_epochs: int = FINETUNE_EPOCHS
     """Training epochs of the end-to-end methods (csrv2-full, mrl-finetuned)."""
     finetune_batch_size: int = 32
     """Items (or pairs) per optimizer step of the end-to-end methods."""
@@ -230,7 +232,15 @@ class Suite:
         size = sorted(self.cfg.k) if method.startswith("mrl-") else size
         warm = [self.cfg.finetune_init] if method == "csrv2-full" and self.cfg.finetune_init != "random" else []
         budget = self.budget_for(training_set, method)
-        return _hash([self.hashes[training_set], method, size, budget, self.cfg.hidden_dim, version("csrv2"), *warm])
+        # csr's contrastive form follows its data (pairs, else self): named when not self, so a self-supervised csr head keeps its key
+        form = self.contrastive_form(training_set, method) if method == "csr" else "self"
+        named = [] if form == "self" else [form]
+        return _hash([self.hashes[training_set], method, size, budget, self.cfg.hidden_dim, version("csrv2"), *warm, *named])
+
+    def contrastive_form(self, training_set: str, method: str) -> str:
+        """The contrastive form the head-only sparse `method` trains with on `training_set`: supervised, pairs or self."""
+        data, config = sparse_recipe(self.data[training_set], method, self.budget_for(training_set, method))
+        return contrastive_mode(config, data)
 
     def budget_for(self, training_set: str, method: str) -> dict:
         """The TrainConfig fields `method` trains with on `training_set` (plus backbone_lr for the end-to-end methods):
@@ -271,7 +281,7 @@ class Suite:
         if method == "mrl-linear":
             dims = tuple(sorted(self.cfg.k))
             budget = TrainConfig(**self.budget_for(training_set, method))
-            head = train_matryoshka(training_data(data, supervised=True), budget, dims, progress=False)
+            head = train_matryoshka(training_data(data, with_labels=True), budget, dims, progress=False)
             save_matryoshka(head, folder)
             info = {}
         else:
@@ -282,10 +292,8 @@ class Suite:
         return folder, info
 
     def train_sparse(self, data: EmbeddedSet, method: str, k: int, budget: dict):
-        supervised = method == "csrv2-linear"
-        train_data = training_data(data, supervised)
-        trainer = Trainer(HeadConfig(train_data.dim, self.cfg.hidden_dim, k), preset("csrv2" if supervised else "csr", **budget),
-                          train_data, progress=False)
+        train_data, train_config = sparse_recipe(data, method, budget)
+        trainer = Trainer(HeadConfig(train_data.dim, self.cfg.hidden_dim, k), train_config, train_data, progress=False)
         head = trainer.fit()
         return head, {"train_dead_pct": 100.0 * trainer.dead_fraction(), "train_steps": trainer.total_steps}
 
@@ -343,6 +351,13 @@ class Suite:
         table = markdown_table(results)
         write_text(self.out / "results.md", table + "\n\n" + "\n".join(target_lines(results)) + "\n")
         plot_results(results, self.out)
+
+
+def sparse_recipe(data: EmbeddedSet, method: str, budget: dict) -> tuple[TrainingData, TrainConfig]:
+    """What a head-only sparse method trains on, and how: csrv2-linear the csrv2 preset on the train split's labels
+    or pairs; csr the csr preset on the same split without labels (its pairs where it has them, else self-supervised)."""
+    with_labels = method == "csrv2-linear"
+    return training_data(data, with_labels), preset("csrv2" if with_labels else "csr", **budget)
 
 
 def _kind(name: str) -> str:

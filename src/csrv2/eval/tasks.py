@@ -133,16 +133,14 @@ def hold_out(data: EmbeddedSet, fraction: float = 0.2, seed: int = 0) -> Embedde
     )
 
 
-def training_data(data: EmbeddedSet, supervised: bool) -> TrainingData:
-    """The train split as `TrainingData`: with labels or pairs when supervised, else the bare vectors
-    (for pairs, queries and documents stacked, as CSR v1 trains on unlabelled text)."""
+def training_data(data: EmbeddedSet, with_labels: bool) -> TrainingData:
+    """The train split as `TrainingData`: queries with their documents for pairs (every method's contrastive
+    loss reads the pairing, CSR v1's included), else the vectors, with their labels only when `with_labels`."""
     if data.train is None:
         raise ValueError(f"{data.name} has no train split to train heads on")
     if data.train_documents is not None:
-        if supervised:
-            return TrainingData(data.train, documents=data.train_documents)
-        return TrainingData(np.concatenate([data.train, data.train_documents]))
-    return TrainingData(data.train, class_ids(data.train_labels) if supervised else None)
+        return TrainingData(data.train, documents=data.train_documents)
+    return TrainingData(data.train, class_ids(data.train_labels) if with_labels else None)
 
 
 def training_items(dataset, validation: bool = False, seed: int = 0) -> tuple:
