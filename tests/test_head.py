@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from csrv2.config import HeadConfig
-from csrv2.head import SparseHead
+from csrv2.head import SparseHead, parameter_shapes
 
 
 def naive_pre(head: SparseHead, x: torch.Tensor) -> torch.Tensor:
@@ -261,3 +261,8 @@ def test_digest_names_the_weights_and_the_input_standardisation(make_head):
     other = make_head(normalize=True)
     other.load_state_dict(head.state_dict())
     assert other.digest() != head.digest()  # same weights, other codes
+
+
+def test_parameter_shapes_are_the_heads(make_head):
+    head = make_head(input_dim=8, hidden_dim=32)
+    assert parameter_shapes(head.config) == {name: tuple(p.shape) for name, p in head.named_parameters()}

@@ -188,19 +188,22 @@ def max_rss_mb() -> float:
 
 
 def test_huge_hidden_dim_with_tiny_weights_fails_fast_and_allocates_nothing(folder):
-    write_config(folder, hidden_dim=10**9)  # 10^9 x 8 floats: 32 GB for W alone
+    write_config(folder, hidden_dim=10**9)  # 10^9 x 8 floats: 32 GB for W alone, above what a head may have
+    assert "above the 2**31 a head may have" in one_line_error(folder, "invalid head config")
+    write_config(folder, hidden_dim=2**28)  # the largest head allowed at d = 8: 8 GiB for W, from a 1 KB file
     before, start = max_rss_mb(), time.perf_counter()
     message = one_line_error(folder, "the files do not belong together")
     assert time.perf_counter() - start < 1 and max_rss_mb() - before < 100
-    assert "(1000000000, 8)" in message and "(32, 8)" in message
+    assert "(268435456, 8)" in message and "(32, 8)" in message
 
 
 def test_safetensors_header_claiming_huge_shapes_is_refused_fast(folder):
-    """The config and the header agree on 10^9 latents, but the file is tiny: safetensors refuses the header."""
-    write_config(folder, hidden_dim=10**9)
+    """The config and the header agree on 2^28 latents, but the file is tiny: safetensors refuses the header."""
+    h = 2**28
+    write_config(folder, hidden_dim=h)
     header = {"pre_bias": {"dtype": "F32", "shape": [8], "data_offsets": [0, 32]},
-              "encoder.weight": {"dtype": "F32", "shape": [10**9, 8], "data_offsets": [32, 32 + 4 * 8 * 10**9]},
-              "latent_bias": {"dtype": "F32", "shape": [10**9], "data_offsets": [32 + 4 * 8 * 10**9, 32 + 4 * 9 * 10**9]}}
+              "encoder.weight": {"dtype": "F32", "shape": [h, 8], "data_offsets": [32, 32 + 4 * 8 * h]},
+              "latent_bias": {"dtype": "F32", "shape": [h], "data_offsets": [32 + 4 * 8 * h, 32 + 4 * 9 * h]}}
     raw = json.dumps(header).encode()
     (folder / WEIGHTS_FILE).write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(64))
     before, start = max_rss_mb(), time.perf_counter()

@@ -26,6 +26,11 @@ from .config import HeadConfig, check_k
 from .errors import InputError
 
 
+def parameter_shapes(config: HeadConfig) -> dict[str, tuple[int, ...]]:
+    """The shapes of a head's parameters by name: what a model file must hold for this config."""
+    return {"pre_bias": (config.input_dim,), "encoder.weight": (config.hidden_dim, config.input_dim), "latent_bias": (config.hidden_dim,)}
+
+
 class SparseHead(nn.Module):
     """TopK sparse autoencoder from `input_dim` to `hidden_dim` latents.
 

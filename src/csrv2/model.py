@@ -17,7 +17,7 @@ from .codes import SparseCodes
 from .config import HeadConfig, resolve_device
 from .data.training import load_array
 from .errors import InputError
-from .head import SparseHead, encode
+from .head import SparseHead, encode, parameter_shapes
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -173,10 +173,9 @@ def load_head(folder: str | os.PathLike, device: torch.device | str = "cpu") -> 
         pickles = [name for name in PICKLE_FILES if (folder / name).exists()]
         hint = f" (found {pickles[0]}, a pickle, which csrv2 never loads)" if pickles else ""
         raise InputError(f"{folder}: has no {WEIGHTS_FILE}{hint}; csrv2 reads weights only from safetensors")
-    with torch.device("meta"):  # the parameters' names and shapes, without memory or random initialisation
-        head = SparseHead(config)
-    tensors = read_weights(path, {name: tuple(p.shape) for name, p in head.named_parameters()})
-    head.load_state_dict(tensors, assign=True)
+    tensors = read_weights(path, parameter_shapes(config))  # checked before a head of the config's size is built
+    head = SparseHead(config)
+    head.load_state_dict(tensors)
     return head.to(resolve_device(str(device))).eval()
 
 
