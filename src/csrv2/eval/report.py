@@ -85,7 +85,7 @@ def trained_on(methods: list[str]) -> str:
 
 
 def target_lines(results: dict) -> list[str]:
-    """The issues' targets for CSRv2 at k = 2 (averages over tasks), where the run has what they compare:
+    """The paper's claims for CSRv2 at k = 2 (averages over tasks), checked on this run where it has what they compare:
     CSRv2-linear against CSR k = 8, MRL linear 32 and 85% of dense; CSRv2 (full) against CSRv2-linear and 90% of dense."""
     summary = results["summary"]
     dense = _find(summary, "dense", None)
