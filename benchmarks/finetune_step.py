@@ -5,7 +5,7 @@ supervised loss runs as in training. One untimed warm-up run of --warmup steps, 
 optimizer steps at --batch-size (no export, no checkpoint). On CUDA the forward pass runs under bf16
 autocast unless --no-bf16; peak memory is torch.cuda.max_memory_allocated, on CPU the process's peak RSS.
 
-    python benchmarks/finetune_step.py --device cuda --batch-size 64 --steps 50      # the issue's GPU check
+    python benchmarks/finetune_step.py --device cuda --batch-size 64 --steps 50      # the GPU figure of docs/benchmarks.md
     python benchmarks/finetune_step.py --device cpu --batch-size 16 --steps 3        # a smoke run here
 """
 
