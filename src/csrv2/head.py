@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from .codes import SparseCodes
 from .config import HeadConfig, check_k
+from .data.training import check_finite_rows
 from .errors import InputError
 
 
@@ -207,7 +208,8 @@ def encode(
     for start in tqdm(starts, desc="encode", unit="batch", disable=not show):
         rows = embeddings[start : start + batch_size]
         batch = float32_rows(rows)
-        check_finite_rows(rows, batch, start)
+        check_finite_rows(rows.cpu().numpy() if isinstance(rows, torch.Tensor) else np.asarray(rows), batch.cpu().numpy(),
+                          "embeddings", start)
         idx, val = head.encode(batch.to(device), k)
         val = val.float()
         if not torch.isfinite(val).all():
@@ -225,23 +227,5 @@ def float32_rows(rows: np.ndarray | torch.Tensor) -> torch.Tensor:
     """rows: (b, d) float array or tensor -> (b, d) float32 tensor; values beyond float32's range become inf (no warning)."""
     if isinstance(rows, torch.Tensor):
         return rows.float()
-    with np.errstate(over="ignore"):  # the overflow is reported by check_finite_rows, naming the row
+    with np.errstate(over="ignore"):  # the overflow is reported by data.training.check_finite_rows, naming the row
         return torch.from_numpy(np.array(rows, dtype=np.float32))
-
-
-def check_finite_rows(rows: np.ndarray | torch.Tensor, batch: torch.Tensor, start: int) -> None:
-    """Raise `InputError` naming the first row of batch (b, d), rows cast to float32, that is not finite.
-
-    The check reads the cast values, so a float64 row that is finite but beyond float32's range is
-    caught too; `rows`, the values before the cast, only tell which of the two faults it is.
-    """
-    finite = torch.isfinite(batch).all(dim=1)
-    if finite.all():
-        return
-    i = int((~finite).nonzero()[0])
-    row = rows[i]
-    if bool(torch.isfinite(row).all() if isinstance(row, torch.Tensor) else np.isfinite(row).all()):
-        raise InputError(
-            f"embeddings row {start + i} has values beyond float32's range (|x| > 3.4e38); scale or fix that row before encoding"
-        )
-    raise InputError(f"embeddings row {start + i} has NaN or Inf values; drop or fix that row before encoding")

@@ -101,13 +101,24 @@ def check_embeddings(x: np.ndarray, name: str, chunk_rows: int = 65536) -> None:
         block = np.asarray(x[start : start + chunk_rows])
         # Training and encoding read float32: a float64 value beyond its range (1e300) is finite here but Inf there.
         with np.errstate(over="ignore"):
-            ok = np.isfinite(block.astype(np.float32, copy=False)).all(axis=1)
-        if not ok.all():
-            row = start + int(np.argmin(ok))
-            if np.isfinite(block[row - start]).all():
-                raise InputError(f"{name} row {row} has values beyond float32's range (|x| > 3.4e38), which csrv2 computes in; "
-                                 "rescale the embeddings (e.g. normalise each row) before training or encoding")
-            raise InputError(f"{name} row {row} has NaN or Inf values; drop or fix such rows before training or encoding")
+            check_finite_rows(block, block.astype(np.float32, copy=False), name, start)
+
+
+def check_finite_rows(block: np.ndarray, block32: np.ndarray, name: str, start: int = 0) -> None:
+    """Raise `InputError` naming the first row of block32 (b, d), block (b, d) cast to float32, that is not finite.
+
+    The check reads the cast values, so a float64 row that is finite but beyond float32's range is caught
+    too; `block`, the values before the cast, only tells which of the two faults it is. start: the row
+    number of the block's first row.
+    """
+    ok = np.isfinite(block32).all(axis=1)
+    if ok.all():
+        return
+    row = int(np.argmin(ok))
+    if np.isfinite(block[row]).all():
+        raise InputError(f"{name} row {start + row} has values beyond float32's range (|x| > 3.4e38), which csrv2 computes in; "
+                         "rescale the embeddings (e.g. normalise each row) before training or encoding")
+    raise InputError(f"{name} row {start + row} has NaN or Inf values; drop or fix such rows before training or encoding")
 
 
 def load_array(path: str | os.PathLike, name: str = "embeddings") -> np.ndarray:
