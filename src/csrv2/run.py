@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from . import distributed as dist
 from .atomic import write_folder, write_json, write_text
+from .data.cache import fingerprint as data_fingerprint
 from .errors import InputError
 from .model import SETTINGS_FILE, WEIGHTS_FILE, read_settings
 
@@ -524,14 +525,8 @@ def fingerprint(*parts) -> str:
             digest.update(b"none;")
             continue
         rows = np.unique(np.linspace(0, len(part) - 1, min(len(part), SAMPLE_ROWS)).astype(np.int64))
-        if isinstance(part, (list, tuple)):
-            digest.update(f"texts {len(part)};".encode())
-            for i in rows:
-                text = str(part[i]).encode("utf-8")
-                digest.update(len(text).to_bytes(8, "little") + text)
-        else:
-            digest.update(f"{tuple(part.shape)} {np.dtype(part.dtype).str};".encode())
-            digest.update(np.ascontiguousarray(part[rows]).tobytes())
+        sample = [str(part[i]) for i in rows] if isinstance(part, (list, tuple)) else np.ascontiguousarray(part[rows])
+        digest.update(f"{len(part)} rows, sample {data_fingerprint(sample)};".encode())
     return digest.hexdigest()
 
 
