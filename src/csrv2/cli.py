@@ -424,13 +424,14 @@ COMMANDS = {"train": run_train, "encode": run_encode, "index": run_index, "searc
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from . import distributed
+
     try:
         COMMANDS[args.command](args)
+        distributed.barrier()  # every rank is done before any leaves: gloo aborts a rank whose peer hangs up first
     except (ValueError, FileNotFoundError, UnicodeError) as e:  # InputError is a ValueError: bad input, said in one line
         print("csrv2: error: " + " ".join(str(e).splitlines()), file=sys.stderr)
         return 2
     finally:
-        from . import distributed
-
         distributed.close()
     return 0
