@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from csrv2.config import HeadConfig
-from csrv2.head import SparseHead, parameter_shapes
+from csrv2.errors import InputError
+from csrv2.head import SparseHead, encode, parameter_shapes, project
+from csrv2.search.index import InvertedIndex
 
 
 def naive_pre(head: SparseHead, x: torch.Tensor) -> torch.Tensor:
@@ -266,3 +269,34 @@ def test_digest_names_the_weights_and_the_input_standardisation(make_head):
 def test_parameter_shapes_are_the_heads(make_head):
     head = make_head(input_dim=8, hidden_dim=32)
     assert parameter_shapes(head.config) == {name: tuple(p.shape) for name, p in head.named_parameters()}
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_project_is_the_centred_query_against_decoded_codes(make_head, normalize):
+    """u = W (x' - b_pre), so u . v = (x' - b_pre) . (W^T v): an index scoring u against stored codes ranks by decoded codes."""
+    head = make_head(input_dim=12, hidden_dim=48, k=3, normalize=normalize)
+    rng = np.random.default_rng(0)
+    x, docs = rng.normal(size=(9, 12)).astype(np.float32), rng.normal(size=(200, 12)).astype(np.float32)
+    u = project(head, x, batch_size=4)
+    xs = head.standardize(torch.from_numpy(x))[0]
+    want = ((xs - head.pre_bias) @ head.weight.T).detach().numpy()
+    np.testing.assert_allclose(u, want, rtol=1e-5, atol=1e-6)
+    codes = encode(head, docs, 3)
+    index = InvertedIndex.build(codes, "ip")
+    ids, scores = index.search(u, 5)
+    stored = codes.to_dense().astype(np.float16).astype(np.float64)  # what the index keeps
+    decoded = stored @ head.weight.detach().double().numpy()  # W^T v per document: (200, 12)
+    brute = (xs - head.pre_bias).detach().double().numpy() @ decoded.T  # (9, 200)
+    for r in range(len(x)):
+        cand = np.flatnonzero(stored.any(axis=1))
+        best = cand[np.argsort(-brute[r, cand], kind="stable")][:5]
+        np.testing.assert_array_equal(ids[r], best)
+        np.testing.assert_allclose(scores[r], brute[r, best], rtol=1e-4, atol=1e-5)
+
+
+def test_project_refuses_what_encode_refuses(make_head):
+    head = make_head()
+    with pytest.raises(InputError, match="expects \\(n, 8\\)"):
+        project(head, np.zeros((3, 7), dtype=np.float32))
+    with pytest.raises(InputError, match="not finite|NaN|finite"):
+        project(head, np.full((2, 8), np.nan, dtype=np.float32))

@@ -46,12 +46,12 @@ def query_dense(codes: SparseCodes, metric: str) -> np.ndarray:
 def brute_force_search(index_codes_dense: np.ndarray, query_dense: np.ndarray, top_n: int):
     """Naive exact top-n over (n, dim) stored values for (q, dim) queries: ids (q, top_n), scores (q, top_n).
 
-    Candidates are the vectors sharing a non-zero latent with the query; ties by smaller id; rows with
+    Candidates are the vectors with a stored value on a latent the query weighs non-zero (of any sign); ties by smaller id; rows with
     fewer than top_n candidates padded with -1 / -inf.
     """
     x, q = index_codes_dense.astype(np.float64), query_dense.astype(np.float64)
     scores = (q @ x.T).astype(np.float32)  # (q, n); float16 x float32 products are exact in float64
-    overlap = ((q > 0).astype(np.float64) @ (x > 0).T.astype(np.float64)) > 0  # (q, n)
+    overlap = ((q != 0).astype(np.float64) @ (x > 0).T.astype(np.float64)) > 0  # (q, n)
     ids = np.full((len(q), top_n), -1, dtype=np.int64)
     out = np.full((len(q), top_n), -np.inf, dtype=np.float32)
     for r in range(len(q)):
@@ -65,9 +65,11 @@ def brute_force_search(index_codes_dense: np.ndarray, query_dense: np.ndarray, t
 SEARCH_PATHS = [False] + ([True] if importlib.util.find_spec("numba") else [])
 
 
-def assert_matches_reference(index: InvertedIndex, codes: SparseCodes, queries: SparseCodes, top_n: int):
+def assert_matches_reference(index: InvertedIndex, codes: SparseCodes, queries: SparseCodes | np.ndarray, top_n: int):
     width = min(top_n, len(codes))  # results are never wider than the index
-    ref_ids, ref_scores = brute_force_search(stored_dense(codes, index.metric), query_dense(queries, index.metric), width)
+    dense = query_dense(queries, index.metric) if isinstance(queries, SparseCodes) else \
+        (normalised(queries.astype(np.float64)) if index.metric == "cosine" else queries).astype(np.float32)
+    ref_ids, ref_scores = brute_force_search(stored_dense(codes, index.metric), dense, width)
     for compiled in SEARCH_PATHS:
         ids, scores = index.search(queries, top_n, compiled=compiled)
         assert ids.shape == scores.shape == (len(queries), width) and ids.dtype == np.int64 and scores.dtype == np.float32
@@ -84,6 +86,47 @@ def test_search_matches_brute_force(k, metric):
     index = InvertedIndex.build(codes, metric)
     for top_n in (1, 10, 400, 500):  # 500 > n: capped at n = 400, rows with fewer candidates padded
         assert_matches_reference(index, codes, queries, top_n)
+
+
+@pytest.mark.parametrize("metric", ["ip", "cosine"])
+@pytest.mark.parametrize("doc_k,query_k", [(1, 8), (2, 32), (8, 64)])
+def test_queries_coded_at_a_larger_k_than_the_documents(doc_k, query_k, metric):
+    dim = 256
+    codes, queries = random_codes(500, dim, doc_k, seed=doc_k), random_codes(25, dim, query_k, seed=7 + query_k)
+    index = InvertedIndex.build(codes, metric)
+    for top_n in (1, 10, 600):
+        assert_matches_reference(index, codes, queries, top_n)
+
+
+@pytest.mark.parametrize("metric", ["ip", "cosine"])
+@pytest.mark.parametrize("k", [1, 2, 8])
+def test_dense_queries_match_brute_force(k, metric):
+    """Dense rows weigh every latent, with either sign; some latents weighed 0 and some stored codes empty."""
+    dim = 96
+    codes = random_codes(300, dim, k, seed=k, zero_frac=0.3)
+    rng = np.random.default_rng(k)
+    queries = rng.normal(size=(20, dim)).astype(np.float32)
+    queries[rng.random(queries.shape) < 0.2] = 0.0
+    queries[3] = 0.0  # weighs nothing: no candidate
+    queries[4, :] = 0.0
+    queries[4, codes.indices[0, 0]] = -1.0  # only negative scores
+    index = InvertedIndex.build(codes, metric)
+    for top_n in (1, 10, 300, 400):
+        assert_matches_reference(index, codes, queries, top_n)
+    ids, scores = index.search(queries, 5)
+    assert (ids[3] == -1).all() and (scores[4][ids[4] >= 0] < 0).all()
+
+
+def test_dense_queries_are_checked():
+    index = InvertedIndex.build(random_codes(10, 16, 2, seed=0))
+    with pytest.raises(InputError, match=r"dense queries must be \(q, 16\) float rows"):
+        index.search(np.zeros((2, 15), dtype=np.float32), 3)
+    with pytest.raises(InputError, match="dense queries must be"):
+        index.search(np.zeros((2, 16), dtype=np.int64), 3)
+    bad = np.zeros((3, 16), dtype=np.float32)
+    bad[2, 5] = np.nan
+    with pytest.raises(InputError, match="dense query row 2 is not finite"):
+        index.search(bad, 3)
 
 
 @pytest.mark.parametrize("metric", ["ip", "cosine"])

@@ -56,3 +56,17 @@ def test_padding_and_bad_queries():
         index.search(random_codes(2, 10, 2, 0), 3)
     with pytest.raises(ValueError, match="top_n"):
         index.search(codes, 0)
+
+
+@pytest.mark.parametrize("metric", ["ip", "cosine"])
+def test_torch_dense_and_wide_queries_equal_numpy_search(metric):
+    codes = random_codes(2000, 128, 2, 0)
+    index = InvertedIndex.build(codes, metric)
+    rng = np.random.default_rng(3)
+    dense = rng.normal(size=(30, 128)).astype(np.float32)
+    dense[rng.random(dense.shape) < 0.3] = 0
+    for queries in (dense, random_codes(30, 128, 32, 5)):
+        want_ids, want_scores = index.search(queries, 10)
+        ids, scores = TorchIndex(index, "cpu").search(queries, 10, batch_size=7)
+        np.testing.assert_allclose(scores, want_scores, rtol=1e-5, atol=1e-6)
+        assert ((ids >= 0) == (want_ids >= 0)).all()

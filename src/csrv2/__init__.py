@@ -3,6 +3,8 @@
     import csrv2
     head = csrv2.train(embeddings, labels, k=2, out="runs/my-head")   # (n, d) float array, (n,) labels
     codes = csrv2.encode(head, new_embeddings)                       # SparseCodes: indices, values (n, 2)
+    index = csrv2.InvertedIndex.build(codes, "cosine")
+    ids, scores = index.search(csrv2.project(head, queries), 10)      # dense queries against the stored codes
     head = csrv2.load("runs/my-head")
 """
 
@@ -14,7 +16,7 @@ from .codes import SparseCodes
 from .config import HeadConfig, TrainConfig, preset
 from .data.training import TrainingData, load_training_data
 from .errors import InputError
-from .head import SparseHead, encode
+from .head import SparseHead, encode, project
 from .model import load_head as load
 from .model import save_head as save
 from .search.index import InvertedIndex
@@ -33,6 +35,7 @@ __all__ = [
     "load",
     "load_training_data",
     "preset",
+    "project",
     "save",
     "train",
 ]

@@ -186,6 +186,43 @@ def encode(
     """
     k = head.config.k if k is None else k
     check_k(k, head.config.hidden_dim)
+    batches = _batches(head, embeddings, batch_size, device, progress, "encode")
+    indices = np.empty((len(embeddings), k), dtype=np.int32)
+    values = np.empty((len(embeddings), k), dtype=np.float32)
+    for start, batch in batches:
+        idx, val = head.encode(batch, k)
+        indices[start : start + len(batch)] = idx.cpu().numpy()
+        values[start : start + len(batch)] = _finite(val.float(), start).cpu().numpy()
+    return SparseCodes(indices, values, head.config.hidden_dim)
+
+
+def project(
+    head: SparseHead,
+    embeddings: np.ndarray | torch.Tensor,
+    *,
+    batch_size: int = 4096,
+    device: torch.device | str | None = None,
+    progress: bool | None = None,
+) -> np.ndarray:
+    """The dense side of asymmetric search: (n, input_dim) embeddings -> (n, hidden_dim) float32 rows u = W (x' - b_pre).
+
+    u . v = (x' - b_pre) . (W^T v) for any code v: the query, centred as the encoder centres it, against
+    the code decoded without the pre-bias. Scored by an index against stored document codes it ranks
+    documents by their decoded codes, with no TopK on the query side (`InvertedIndex.search` takes
+    these rows as dense queries). x' is x standardised when the head normalises its input. Checks and
+    batches as `encode`.
+    """
+    batches = _batches(head, embeddings, batch_size, device, progress, "project")
+    out = np.empty((len(embeddings), head.config.hidden_dim), dtype=np.float32)
+    for start, batch in batches:
+        with torch.no_grad():
+            u = F.linear(head.standardize(batch.to(head.pre_bias.dtype))[0] - head.pre_bias, head.weight)
+        out[start : start + len(batch)] = _finite(u.float(), start).cpu().numpy()
+    return out
+
+
+def _batches(head: SparseHead, embeddings, batch_size: int, device, progress: bool | None, desc: str):
+    """The checks `encode` documents, then an iterator of (start, (b, input_dim) float32 batch on the head's device)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if embeddings.ndim != 2 or embeddings.shape[1] != head.config.input_dim:
@@ -200,27 +237,30 @@ def encode(
     if n == 0:
         raise InputError("embeddings has no rows; pass at least one embedding")
     device = torch.device(device) if device is not None else head.pre_bias.device
-    head = head.to(device)
+    head.to(device)
     starts = range(0, n, batch_size)
     show = len(starts) > 1 if progress is None else progress
-    indices = np.empty((n, k), dtype=np.int32)
-    values = np.empty((n, k), dtype=np.float32)
-    for start in tqdm(starts, desc="encode", unit="batch", disable=not show):
-        rows = embeddings[start : start + batch_size]
-        batch = float32_rows(rows)
-        check_finite_rows(rows.cpu().numpy() if isinstance(rows, torch.Tensor) else np.asarray(rows), batch.cpu().numpy(),
-                          "embeddings", start)
-        idx, val = head.encode(batch.to(device), k)
-        val = val.float()
-        if not torch.isfinite(val).all():
-            bad = start + int((~torch.isfinite(val).all(dim=1)).nonzero()[0])
-            raise InputError(
-                f"embeddings row {bad} gives non-finite codes: the model's pre-activations overflow float32; "
-                "check that the model's weights and the embeddings have ordinary magnitudes"
-            )
-        indices[start : start + len(batch)] = idx.cpu().numpy()
-        values[start : start + len(batch)] = val.cpu().numpy()
-    return SparseCodes(indices, values, head.config.hidden_dim)
+
+    def batches():  # a generator inside, so that the checks above run when `_batches` is called
+        for start in tqdm(starts, desc=desc, unit="batch", disable=not show):
+            rows = embeddings[start : start + batch_size]
+            batch = float32_rows(rows)
+            check_finite_rows(rows.cpu().numpy() if isinstance(rows, torch.Tensor) else np.asarray(rows), batch.cpu().numpy(),
+                              "embeddings", start)
+            yield start, batch.to(device)
+
+    return batches()
+
+
+def _finite(out: torch.Tensor, start: int) -> torch.Tensor:
+    """out (b, m) unchanged; `InputError` naming the first row (counted from `start`) with a non-finite value."""
+    if not torch.isfinite(out).all():
+        bad = start + int((~torch.isfinite(out).all(dim=1)).nonzero()[0])
+        raise InputError(
+            f"embeddings row {bad} gives non-finite codes: the model's pre-activations overflow float32; "
+            "check that the model's weights and the embeddings have ordinary magnitudes"
+        )
+    return out
 
 
 def float32_rows(rows: np.ndarray | torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,11 @@ Search: a query with k non-zero latents gathers those k lists (m postings, about
 latents are evenly used), sums the contributions per vector (a merge of sorted lists, then np.add.reduceat) and keeps
 the top n with a partition: O(m log m) per query, whatever len(index) is.
 
+Asymmetric search: nothing ties a query's k to the documents'. Documents are stored at a small k (their
+bytes); a query may be coded at a larger k (more lists touched, better recall of the documents' latents),
+or be dense: `head.project(x)` weighs every latent, so the score is the query against each document's
+decoded code, exact, at the cost of reading every list. The query side costs no storage.
+
 File (`save` / `open`): a 64-byte little-endian header
     magic b"CSRV2IDX", version u32 (3), metric u32 (0 ip, 1 cosine), dim u64, n u64, nnz u64,
     head digest 16 bytes (the first half of `SparseHead.digest()`; zeros when unknown), crc32 u32
@@ -184,24 +189,42 @@ def _top(cand: np.ndarray, score: np.ndarray, top_n: int) -> np.ndarray:
 _HALF = np.arange(2**16, dtype=np.uint16).view(np.float16).astype(np.float64)
 
 
-def query_weights(queries: SparseCodes, dim: int, metric: str, top_n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Checks shared by every search path; returns used (q, k) bool and the float32 query weights (q, k),
-    L2-normalised for "cosine" and 0 in unused slots."""
+def query_weights(queries: SparseCodes | np.ndarray, dim: int, metric: str, top_n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Checks shared by every search path; returns the queries' latents (q, m) int64 and float32 weights (q, m),
+    L2-normalised per row for "cosine" and 0 where a slot is unused.
+
+    queries: (q, k) `SparseCodes` (m = k; weights >= 0), or dense (q, dim) float rows, e.g. `head.project`'s,
+    whose every latent is a slot (m = dim, a read-only view; weights of any sign).
+    """
     if top_n < 1:
         raise ValueError(f"top_n must be >= 1, got {top_n}")
-    if queries.dim != dim:
-        raise InputError(f"queries have dim {queries.dim} but the index has dim {dim}; encode queries with the head that encoded the index")
-    used = check_codes(queries, "queries")
-    return used, np.where(used, code_weights(queries, metric), 0).astype(np.float32)
+    if isinstance(queries, SparseCodes):
+        if queries.dim != dim:
+            raise InputError(f"queries have dim {queries.dim} but the index has dim {dim}; "
+                             "encode queries with the head that encoded the index")
+        used = check_codes(queries, "queries")
+        return queries.indices.astype(np.int64), np.where(used, code_weights(queries, metric), 0).astype(np.float32)
+    rows = np.asarray(queries)
+    if rows.ndim != 2 or rows.shape[1] != dim or not np.issubdtype(rows.dtype, np.floating):
+        raise InputError(f"dense queries must be (q, {dim}) float rows (the head's projection, head.project), "
+                         f"got {rows.dtype} {rows.shape}; project the queries with the head that encoded the index")
+    weights = rows.astype(np.float64)
+    if not np.isfinite(weights).all():
+        raise InputError(f"dense query row {int(np.flatnonzero(~np.isfinite(weights).all(axis=1))[0])} is not finite; pass finite rows")
+    if metric == "cosine":
+        norm = np.sqrt((weights * weights).sum(axis=1, keepdims=True))
+        weights = np.divide(weights, norm, out=np.zeros_like(weights), where=norm > 0)
+    return np.broadcast_to(np.arange(dim, dtype=np.int64), rows.shape), weights.astype(np.float32)
 
 
-def _search_kernel(offsets, ids, bits, half, q_idx, q_val, scratch, out_ids, out_scores):
+def _search_kernel(offsets, ids, bits, half, q_idx, q_val, scratch, seen, out_ids, out_scores):
     """Compiled per-query scoring (numba), the same results as the numpy path of `InvertedIndex.search`.
 
     Scores accumulate in float64 in `scratch` (n,), zeros on entry and on exit, in query-latent order as
-    the numpy path sums them; only the entries touched are read back and reset. The top-n is kept by insertion
-    into the sorted rows of out_ids / out_scores (-1 / -inf on entry), ties to the smaller id.
-    q_idx: (q, k) latents, q_val: (q, k) float32 weights, 0 for unused slots.
+    the numpy path sums them; `seen` (n,) bool marks the candidates (a sum of signed weights can be 0), all
+    False on entry and on exit; only the entries touched are read back and reset. The top-n is kept by
+    insertion into the sorted rows of out_ids / out_scores (-1 / -inf on entry), ties to the smaller id.
+    q_idx: (q, m) latents, q_val: (q, m) float32 weights of any sign, 0 for unused slots.
     Returns 0, or a key of KERNEL_ERRORS as soon as a latent, list bound or id would reach outside the
     arrays (numba does not check bounds): nothing is read or written out of bounds whatever they hold.
     """
@@ -212,26 +235,28 @@ def _search_kernel(offsets, ids, bits, half, q_idx, q_val, scratch, out_ids, out
     for r in range(q_idx.shape[0]):
         total = 0
         for a in range(q_idx.shape[1]):
-            if q_val[r, a] > 0:
+            if q_val[r, a] != 0:
                 j = q_idx[r, a]
                 if j < 0 or j >= dim:
                     return 1
                 if offsets[j] < 0 or offsets[j + 1] < offsets[j] or offsets[j + 1] > nnz:
                     return 2
                 total += offsets[j + 1] - offsets[j]
-        touched = np.empty(total, np.int64)
+        touched = np.empty(min(total, n), np.int64)
         m = 0
         for a in range(q_idx.shape[1]):
             w = np.float64(q_val[r, a])
-            if w <= 0:
+            if w == 0:
                 continue
             for p in range(offsets[q_idx[r, a]], offsets[q_idx[r, a] + 1]):
                 d = np.int64(ids[p, 0]) | (np.int64(ids[p, 1]) << 8) | (np.int64(ids[p, 2]) << 16)
                 if d >= n:
-                    for t in range(m):  # leave scratch all zeros, as the next call expects
+                    for t in range(m):  # leave scratch and seen cleared, as the next call expects
                         scratch[touched[t]] = 0.0
+                        seen[touched[t]] = False
                     return 3
-                if scratch[d] == 0.0:  # every contribution is > 0, so 0 means not seen yet
+                if not seen[d]:
+                    seen[d] = True
                     touched[m] = d
                     m += 1
                 scratch[d] += half[bits[p]] * w
@@ -240,6 +265,7 @@ def _search_kernel(offsets, ids, bits, half, q_idx, q_val, scratch, out_ids, out
             d = touched[t]
             score = np.float32(scratch[d])
             scratch[d] = 0.0
+            seen[d] = False
             if kept < top_n:
                 pos = kept
                 kept += 1
@@ -272,7 +298,8 @@ class InvertedIndex:
     def __init__(self, offsets: np.ndarray, ids: np.ndarray, values: np.ndarray, n: int, metric: str, head_digest: str | None = None):
         self.offsets, self.ids, self.values, self.n, self.metric = offsets, ids, values, n, metric
         self.head_digest = short_digest(head_digest)
-        self._scratch: np.ndarray | None = None  # (n,) float64 accumulator of the compiled search; not thread-safe
+        self._scratch: np.ndarray | None = None  # (n,) float64 accumulator of the compiled search
+        self._seen: np.ndarray | None = None  # (n,) bool: its candidate marks
 
     @classmethod
     def build(cls, codes: SparseCodes, metric: str = "ip", head_digest: str | None = None) -> InvertedIndex:
@@ -343,44 +370,49 @@ class InvertedIndex:
         return (f"InvertedIndex(n={len(self)}, dim={self.dim}, nnz={len(self.ids)}, metric={self.metric!r}, "
                 f"head_digest={self.head_digest!r})")
 
-    def search(self, queries: SparseCodes, top_n: int, compiled: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Exact top-n: ids (q, w) int64 and scores (q, w) float32 for (q, k) queries, w = min(top_n, len(self)).
+    def search(self, queries: SparseCodes | np.ndarray, top_n: int, compiled: bool | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-n: ids (q, w) int64 and scores (q, w) float32 for q queries, w = min(top_n, len(self)).
 
-        score = sum over shared latents of stored value (float16) x query value (float32; L2-normalised
-        first for "cosine"); each product is exact in float64 and the sum is rounded once to float32.
-        Rows are sorted by score, descending, ties by smaller id. Only vectors sharing a non-zero latent
-        with the query are candidates (the others score 0): when fewer than w exist, the row is
-        padded with id -1 and score -inf. No more than len(self) columns: a huge top_n costs no more
-        memory than the index's size. Cost per query follows the postings of its latents.
+        queries: (q, k) `SparseCodes` of any k (coded by the head that encoded the index, at the documents'
+        k or more: asymmetric search), or dense (q, dim) float rows (`head.project`: the query against the
+        documents' decoded codes). score = sum over the query's latents of stored value (float16) x query
+        weight (float32; each query row L2-normalised first for "cosine"); each product is exact in float64
+        and the sum is rounded once to float32. Rows are sorted by score, descending, ties by smaller id.
+        Candidates are the vectors with a stored value on a latent the query weighs non-zero (others score 0
+        and are left out): when fewer than w exist, the row is padded with id -1 and score -inf. Cost per
+        query follows the postings of its latents: m latents touch m lists, so a dense query reads them all.
+        No more than len(self) columns: a huge top_n costs no more memory than the index's size.
         `InputError` on a dim other than the index's or values `build` refuses; `ValueError` if top_n < 1.
         compiled: the numba kernel (default when numba is installed) or the numpy path; same results.
         """
-        used, weights = query_weights(queries, self.dim, self.metric, top_n)
+        latents, weights = query_weights(queries, self.dim, self.metric, top_n)
         top_n = min(top_n, len(self))
-        ids = np.full((len(queries), top_n), -1, dtype=np.int64)
-        scores = np.full((len(queries), top_n), -np.inf, dtype=np.float32)
+        ids = np.full((len(weights), top_n), -1, dtype=np.int64)
+        scores = np.full((len(weights), top_n), -np.inf, dtype=np.float32)
         if compiled is None:
             compiled = numba is not None
         if compiled:
             if numba is None:
                 raise ImportError('the compiled search needs numba: pip install "csrv2[fast]"')
             if self._scratch is None or len(self._scratch) != len(self):
-                self._scratch = np.zeros(len(self))  # kept between calls: a fresh one costs page faults per query
+                # kept between calls (a fresh one costs page faults per query); not thread-safe
+                self._scratch, self._seen = np.zeros(len(self)), np.zeros(len(self), dtype=np.bool_)
             error = _search_kernel(np.asarray(self.offsets), np.asarray(self.ids), np.asarray(self.values).view(np.uint16), _HALF,
-                                   queries.indices.astype(np.int64), weights, self._scratch, ids, scores)
+                                   latents, weights, self._scratch, self._seen, ids, scores)
             if error:
                 raise InputError(f"the index's arrays are inconsistent ({KERNEL_ERRORS[error]}); "
                                  "rebuild it from its codes, or read its file with InvertedIndex.open, which checks them")
             return ids, scores
-        for r in range(len(queries)):
-            latents = queries.indices[r][used[r]]
-            starts, ends = self.offsets[latents], self.offsets[latents + 1]
-            if latents.size == 0 or (ends == starts).all():
+        for r in range(len(weights)):
+            used = weights[r] != 0
+            latents_r, weights_r = latents[r][used], weights[r][used]
+            starts, ends = self.offsets[latents_r], self.offsets[latents_r + 1]
+            if latents_r.size == 0 or (ends == starts).all():
                 continue
             doc = np.concatenate([unpack_ids(self.ids[s:e]) for s, e in zip(starts, ends, strict=True)])
             val = np.concatenate([self.values[s:e] for s, e in zip(starts, ends, strict=True)]).astype(np.float64)
-            contrib = val * np.repeat(weights[r][used[r]].astype(np.float64), ends - starts)
-            # Each list is sorted by id, so a stable sort merges k sorted runs (timsort: several
+            contrib = val * np.repeat(weights_r.astype(np.float64), ends - starts)
+            # Each list is sorted by id, so a stable sort merges the sorted runs (timsort: several
             # times faster here than np.unique's sort); equal ids then sit together and are summed.
             order = np.argsort(doc, kind="stable")
             doc, contrib = doc[order], contrib[order]

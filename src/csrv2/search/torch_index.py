@@ -38,20 +38,20 @@ class TorchIndex:
                 (self.dim, self.n),
             ).to(self.device)
 
-    def search(self, queries: SparseCodes, top_n: int, batch_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
-        """Top-n ids (q, w) int64 and scores (q, w) float32, w = min(top_n, n), padded with -1 / -inf like `InvertedIndex.search`."""
+    def search(self, queries: SparseCodes | np.ndarray, top_n: int, batch_size: int = 512) -> tuple[np.ndarray, np.ndarray]:
+        """Top-n ids (q, w) int64 and scores (q, w) float32, w = min(top_n, n), padded with -1 / -inf like `InvertedIndex.search`;
+        queries: `SparseCodes` of any k, or dense (q, dim) rows (`head.project`)."""
         ids, scores = self.search_tensors(queries, top_n, batch_size)
         return ids.cpu().numpy(), scores.cpu().numpy()
 
-    def search_tensors(self, queries: SparseCodes, top_n: int, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    def search_tensors(self, queries: SparseCodes | np.ndarray, top_n: int, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
         """As `search`, with the results left on the device (one host synchronisation per batch, no copy back)."""
-        _, weights = query_weights(queries, self.dim, self.metric, top_n)
+        latents, weights = query_weights(queries, self.dim, self.metric, top_n)
         top_n = min(top_n, self.n)  # as InvertedIndex.search: no wider than the index
-        idx = torch.from_numpy(queries.indices.astype(np.int64)).to(self.device)
-        val = torch.from_numpy(weights).to(self.device)
         out_ids, out_scores = [], []
-        for start in range(0, len(queries), batch_size):
-            ids, scores = self._search_batch(idx[start : start + batch_size], val[start : start + batch_size], top_n)
+        for start in range(0, len(weights), batch_size):
+            idx = torch.from_numpy(np.ascontiguousarray(latents[start : start + batch_size])).to(self.device)
+            ids, scores = self._search_batch(idx, torch.from_numpy(weights[start : start + batch_size]).to(self.device), top_n)
             out_ids.append(ids)
             out_scores.append(scores)
         if not out_ids:
@@ -59,13 +59,16 @@ class TorchIndex:
         return torch.cat(out_ids), torch.cat(out_scores)
 
     def _search_batch(self, idx: torch.Tensor, val: torch.Tensor, top_n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """idx, val: (b, k) queries -> ids (b, top_n), scores (b, top_n)."""
-        b, k = idx.shape
+        """idx, val: (b, m) query latents and weights (0: unused) -> ids (b, top_n), scores (b, top_n)."""
+        b = idx.shape[0]
         idx, order = idx.sort(dim=1)  # CSR wants ascending columns within a row
-        crow = torch.arange(0, b * k + 1, k, device=self.device)
+        val = val.gather(1, order)
+        used = val != 0  # unused slots stay out of the query, so they make no candidates
+        crow = torch.zeros(b + 1, dtype=torch.long, device=self.device)
+        crow[1:] = used.sum(dim=1).cumsum(0)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            q = torch.sparse_csr_tensor(crow, idx.reshape(-1), val.gather(1, order).reshape(-1), (b, self.dim))
+            q = torch.sparse_csr_tensor(crow, idx[used], val[used], (b, self.dim))
             scores = q @ self.postings  # (b, n) sparse: one entry per candidate
         crow, cols, values = scores.crow_indices(), scores.col_indices(), scores.values()
         lengths = crow.diff().long()  # (b,) candidates per query (cuSPARSE returns int32 indices)
@@ -79,7 +82,7 @@ class TorchIndex:
         laid = torch.full((b, width), -torch.inf, device=self.device).index_put_((row, pos), values)
         laid_ids = torch.full((b, width), -1, dtype=torch.long, device=self.device).index_put_((row, pos), cols.long())
         top = laid.topk(min(top_n, width), dim=1)
-        found = top.values > 0  # explicit zeros (a query slot of value 0) are no candidates
+        found = top.values > -torch.inf  # a candidate's score has any sign with a dense query; padding is -inf
         ids[:, : top.values.shape[1]] = torch.where(found, laid_ids.gather(1, top.indices), -1)
         best[:, : top.values.shape[1]] = torch.where(found, top.values, -torch.inf)
         return ids, best
