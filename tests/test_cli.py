@@ -147,7 +147,8 @@ def test_failed_encode_keeps_the_old_output(files, model, capsys):
 
 
 def test_index_build_then_search(files, model, capsys):
-    from csrv2 import InvertedIndex, encode
+    from csrv2 import InvertedIndex, encode, project
+    from csrv2.config import DEFAULT_QUERY_K
 
     index_file = files / "docs.index"
     assert main(["index", "build", "--model", str(model), "--embeddings", str(files / "e.npy"), "--out", str(index_file),
@@ -158,10 +159,16 @@ def test_index_build_then_search(files, model, capsys):
     assert "query 0: " in printed and "118 more queries" in printed
     x = np.load(files / "e.npy")
     head = load(model)
-    want_ids, want_scores = InvertedIndex.build(encode(head, x), metric="cosine").search(encode(head, x), 3)
-    with np.load(files / "hits.npz") as hits:
-        np.testing.assert_array_equal(hits["ids"], want_ids)
-        np.testing.assert_allclose(hits["scores"], want_scores)
+    index = InvertedIndex.build(encode(head, x), metric="cosine")  # documents at the model's k = 2
+    for flags, queries in (([], encode(head, x, DEFAULT_QUERY_K)), (["--k", "2"], encode(head, x, 2)), (["--dense"], project(head, x))):
+        assert main(["search", "--index", str(index_file), "--model", str(model), "--queries", str(files / "e.npy"),
+                     "--top-n", "3", "--out", str(files / "hits.npz"), "--no-progress", *flags]) == 0
+        want_ids, want_scores = index.search(queries, 3)
+        with np.load(files / "hits.npz") as hits:
+            np.testing.assert_array_equal(hits["ids"], want_ids)
+            np.testing.assert_allclose(hits["scores"], want_scores)
+    assert "drop query k or dense" in error_of(capsys, ["search", "--index", str(index_file), "--model", str(model),
+                                                        "--queries", str(files / "e.npy"), "--dense", "--k", "8"])
 
     (files / "bad.index").write_bytes(b"not an index")
     assert "not a csrv2 index file" in error_of(capsys, ["search", "--index", str(files / "bad.index"), "--model", str(model),

@@ -39,7 +39,9 @@ def test_identical_text_finds_its_document_and_texts_ride_along(tmp_path, backbo
     assert len(InvertedIndex.open(out)) == 4
     info = read_texts(out, index)
     assert info["texts"] == DOCS and info["identity"] == backbone.identity
-    ids, scores = search_texts(index, head, backbone, [DOCS[2], DOCS[0]], top_n=2)
+    for options in ({}, {"dense": True}):  # a query code wider than the documents', and a dense query
+        assert search_texts(index, head, backbone, [DOCS[2], DOCS[0]], top_n=2, **options)[0][:, 0].tolist() == [2, 0]
+    ids, scores = search_texts(index, head, backbone, [DOCS[2], DOCS[0]], top_n=2, k=head.config.k)
     assert ids[:, 0].tolist() == [2, 0]
     np.testing.assert_allclose(scores[:, 0], 1.0, atol=2e-3)  # cosine of a code with itself (float16 postings)
 

@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .config import PRESETS, HeadConfig, TrainConfig
+from .config import DEFAULT_QUERY_K, PRESETS, HeadConfig, TrainConfig
 from .errors import InputError
 from .options import Command, add_dataclass_options, field_names, given
 
@@ -144,8 +144,12 @@ def _index_build_options(build: argparse.ArgumentParser) -> None:
 def _search_options(search: argparse.ArgumentParser) -> None:
     search.add_argument("--index", required=True, metavar="INDEX", help="file written by `csrv2 index build`")
     search.add_argument("texts", nargs="*", metavar="QUERY", help="query texts")
-    _add_encoding_options(search, "--queries", "Q.npy", required=False)
+    _add_encoding_options(search, "--queries", "Q.npy", required=False,
+                          k_help=f"latents per query code, whatever k the documents were indexed at (default: {DEFAULT_QUERY_K}, "
+                                 "or the model's k if larger): more touches more posting lists and finds more")
     _add_backbone_options(search, "the index's")
+    search.add_argument("--dense", action="store_true",
+                        help="score each query's dense projection against the stored codes, decoded: exact, reads every posting list")
     search.add_argument("--top-n", type=int, default=10, help="hits per query")
     search.add_argument("--out", metavar="HITS.npz",
                         help="also write 'ids' and 'scores', each (q, top_n); -1 / -inf pad rows with fewer hits")
@@ -203,12 +207,13 @@ def _reproduce_options(reproduce: argparse.ArgumentParser) -> None:
     reproduce.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
-def _add_encoding_options(parser: argparse.ArgumentParser, flag: str, metavar: str, required: bool = True) -> None:
+def _add_encoding_options(parser: argparse.ArgumentParser, flag: str, metavar: str, required: bool = True,
+                          k_help: str = "non-zeros per code (default: the model's k); any k <= hidden_dim") -> None:
     """The options of every command that encodes an embeddings file with a trained head."""
     parser.add_argument("--model", required=True, metavar="MODEL_DIR", help="model folder written by `csrv2 train`")
     parser.add_argument(flag, dest="embeddings", required=required, metavar=metavar,
                         help="(n, d) float embeddings, .npy or the array 'embeddings' of an .npz")
-    parser.add_argument("--k", type=int, default=None, help="non-zeros per code (default: the model's k); any k <= hidden_dim")
+    parser.add_argument("--k", type=int, default=None, help=k_help)
     parser.add_argument("--batch-size", type=int, default=4096, help="rows encoded at once")
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -330,14 +335,16 @@ def run_search(args: argparse.Namespace) -> None:
         own, head = load_text_model(args.model, args.backbone, args.max_seq_length, args.device, load_backbone=False)
         device = str(next(head.parameters()).device)  # the query backbone runs where the head does
         backbone = query_backbone(info, args.backbone, args.max_seq_length, device, own)
-        ids, scores = search_texts(index, head, backbone, queries, args.top_n, args.k)
+        ids, scores = search_texts(index, head, backbone, queries, args.top_n, args.k, args.dense)
         texts = info["texts"] if info else None
     else:
-        from .model import encode_file, load_head
+        from .model import load_array, load_head
+        from .search.queries import encode_queries
 
         head = load_head(args.model, args.device)
         index.check_head(head)  # another head's codes would land on other latents: silently wrong hits
-        ids, scores = index.search(encode_file(head, args.embeddings, **_encoding(args)), args.top_n)
+        ids, scores = index.search(encode_queries(head, load_array(args.embeddings), args.k, args.dense, batch_size=args.batch_size,
+                                                  progress=False if args.no_progress else None), args.top_n)
     if args.out:
         import numpy as np
 

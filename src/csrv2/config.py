@@ -21,6 +21,7 @@ import torch
 CONTRASTIVE_MODES = ("auto", "unlabelled", "supervised", "pairs", "self", "none")
 PRESETS = ("csrv2", "csr")
 DEFAULT_EPOCHS = 50
+DEFAULT_QUERY_K = 32  # latents of a query code in asymmetric search (search/queries.py)
 """Head-only training budget of `csrv2 train`, `csrv2.train` and `csrv2 reproduce`: 50 beat 20 on the suite's validation splits at k = 2
 (CSRv2-linear, docs/benchmarks.md). End-to-end training keeps its own smaller budget (finetune.py)."""
 MRL_DIMS = (2, 4, 8, 16, 32, 64)
@@ -215,6 +216,7 @@ def field_docs(cls) -> dict[str, str]:
 __all__ = [
     "CONTRASTIVE_MODES",
     "DEFAULT_EPOCHS",
+    "DEFAULT_QUERY_K",
     "MRL_DIMS",
     "PRESETS",
     "HeadConfig",

@@ -22,6 +22,7 @@ from ..data.cache import EmbeddingCache
 from ..errors import InputError
 from ..head import SparseHead, encode
 from .index import InvertedIndex
+from .queries import encode_queries
 
 
 def texts_path(index_path: str | os.PathLike) -> Path:
@@ -75,15 +76,16 @@ def query_backbone(info: dict | None, model: str | None, max_seq_length: int | N
 
 
 def search_texts(index: InvertedIndex, head: SparseHead, backbone: TextBackbone, queries: list[str], top_n: int = 10,
-                 k: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """ids, scores: (len(queries), min(top_n, len(index))), as `InvertedIndex.search`, for query texts.
+                 k: int | None = None, dense: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """ids, scores: (len(queries), min(top_n, len(index))), as `InvertedIndex.search`, for query texts coded
+    at query k `k` (default: `queries.DEFAULT_QUERY_K`) or `dense` (`queries.encode_queries`).
 
     `InputError` when the index was built with another head (`InvertedIndex.check_head`) or a query is empty.
     """
     if not queries or any(not q.strip() for q in queries):
         raise InputError("a query text is empty; pass at least one non-empty query")
     index.check_head(head)
-    return index.search(encode(head, backbone.embed(queries, progress=False), k, progress=False), top_n)
+    return index.search(encode_queries(head, backbone.embed(queries, progress=False), k, dense), top_n)
 
 
 def load_text_model(model: str | os.PathLike, backbone: str | None = None, max_seq_length: int | None = None, device: str = "auto", *,
