@@ -76,6 +76,26 @@ def test_search_matches_inverted_index(client, k, metric):
         assert (ids == -1).any()
 
 
+@pytest.mark.parametrize("metric", ["ip", "cosine"])
+def test_wide_and_dense_queries_match_brute_force(client, metric):
+    """Asymmetric search through Qdrant: query codes wider than the documents', and dense signed rows."""
+    codes = random_codes(1500, 256, 2, seed=0)
+    export_codes(codes, client, "c", metric=metric, progress=False)
+    stored = codes.to_dense().astype(np.float64)
+    stored = normalised(stored) if metric == "cosine" else stored
+    rng = np.random.default_rng(1)
+    for queries in (random_codes(80, 256, 32, seed=2), rng.normal(size=(80, 256)).astype(np.float32)):
+        ids, scores = search_codes(client, "c", queries, 5, metric=metric)
+        q = queries.to_dense().astype(np.float64) if isinstance(queries, SparseCodes) else queries.astype(np.float64)
+        want = (normalised(q) if metric == "cosine" else q) @ stored.T  # (80, 1500); every stored code has a non-zero here
+        best = np.argsort(-want, axis=1)[:, :6]
+        gaps = np.diff(np.take_along_axis(want, best, axis=1), axis=1)  # (80, 5), <= 0
+        clear = (gaps < -1e-4).all(axis=1)
+        assert clear.sum() >= 20
+        np.testing.assert_array_equal(ids[clear], best[clear, :5])
+        np.testing.assert_allclose(scores, np.take_along_axis(want, ids, axis=1), rtol=1e-4, atol=1e-5)
+
+
 def test_zero_slots_dropped_and_latents_ascending(client):
     codes = SparseCodes(np.array([[7, 2, 5, 0]], np.int32), np.array([[3.0, 4.0, 0.0, 0.0]], np.float32), 8)
     export_codes(codes, client, "ip")

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ..codes import SparseCodes
 from ..errors import InputError
-from .index import METRICS, check_codes, code_weights
+from .index import METRICS, check_codes, code_weights, query_weights
 
 try:
     from qdrant_client import QdrantClient, models
@@ -29,12 +29,11 @@ except ImportError as e:
 VECTOR = "csrv2"  # the collection's one named sparse vector
 
 
-def _sparse(codes: SparseCodes, metric: str, what: str) -> list[models.SparseVector]:
-    """One Qdrant sparse vector per code: non-zero slots only, latents ascending, values float32."""
-    used = check_codes(codes, what)
-    weights = code_weights(codes, metric).astype(np.float32)
+def _vectors(latents: np.ndarray, weights: np.ndarray) -> list[models.SparseVector]:
+    """One Qdrant sparse vector per row of (n, m) latents and float32 weights: non-zero weights only, latents ascending."""
     out = []
-    for idx, val, keep in zip(codes.indices, weights, used & (weights != 0)):
+    for idx, val in zip(latents, weights, strict=True):
+        keep = val != 0
         order = np.argsort(idx[keep])
         out.append(models.SparseVector(indices=idx[keep][order].tolist(), values=val[keep][order].tolist()))
     return out
@@ -70,7 +69,8 @@ def export_codes(
     for name, given in (("ids", ids), ("payloads", payloads)):
         if given is not None and len(given) != n:
             raise InputError(f"{len(given)} {name} for {n} codes; pass one per code")
-    vectors = _sparse(codes, metric, "codes")  # validate everything before touching the collection
+    used = check_codes(codes, "codes")  # validate everything before touching the collection
+    vectors = _vectors(codes.indices, np.where(used, code_weights(codes, metric), 0).astype(np.float32))
     if client.collection_exists(collection):
         if not overwrite:
             raise InputError(f"Qdrant collection {collection!r} already exists; pass overwrite=True to replace it or choose another name")
@@ -90,9 +90,10 @@ def export_codes(
 
 
 def search_codes(
-    client: QdrantClient, collection: str, queries: SparseCodes, top_n: int, metric: str = "ip", *, batch_size: int = 256
+    client: QdrantClient, collection: str, queries: SparseCodes | np.ndarray, top_n: int, metric: str = "ip", *, batch_size: int = 256
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-n from Qdrant: ids (q, top_n) int64 and scores (q, top_n) float32 for (q, k) queries.
+    """Exact top-n from Qdrant: ids (q, top_n) int64 and scores (q, top_n) float32 for (q, k) query codes of
+    any k, or dense (q, dim) rows (`head.project`), as `InvertedIndex.search` takes them.
 
     Like `InvertedIndex.search`: rows by score descending, only points sharing a latent with the query,
     padded with id -1 and score -inf. Pass the metric the collection was exported with ("cosine"
@@ -107,12 +108,13 @@ def search_codes(
     if not client.collection_exists(collection):
         raise InputError(f"Qdrant collection {collection!r} does not exist; write it with csrv2.search.qdrant.export_codes")
     meta = (getattr(client.get_collection(collection).config, "metadata", None) or {}).get("csrv2", {})
-    if meta.get("dim", queries.dim) != queries.dim:
-        raise InputError(f"queries have dim {queries.dim} but collection {collection!r} has dim {meta['dim']}; "
+    dim = queries.dim if isinstance(queries, SparseCodes) else np.shape(queries)[-1]
+    if meta.get("dim", dim) != dim:
+        raise InputError(f"queries have dim {dim} but collection {collection!r} has dim {meta['dim']}; "
                          "encode queries with the head that encoded it")
     if meta.get("metric", metric) != metric:
         raise InputError(f"collection {collection!r} was exported with metric={meta['metric']!r}; search it with that metric")
-    vectors = _sparse(queries, metric, "queries")
+    vectors = _vectors(*query_weights(queries, dim, metric, top_n))
     ids = np.full((len(queries), top_n), -1, dtype=np.int64)
     scores = np.full((len(queries), top_n), -np.inf, dtype=np.float32)
     for start in range(0, len(queries), batch_size):
