@@ -87,10 +87,18 @@ def _representation(heads: Path, method: str, size: int):
 
 def test_reproduce_scores_every_method_and_writes_its_files(suite_run):
     config, results, suite = suite_run
-    rows = results["rows"]
+    every = results["rows"]
+    rows = [r for r in every if r["protocol"] == "same-k"]
     assert len(rows) == 3 * (1 + 4 * 2)  # tasks x (dense + four methods at two sizes)
+    asymmetric = [r for r in every if r["protocol"] == "asymmetric"]
+    assert sorted((r["task"], r["method"], r["size"]) for r in asymmetric) == \
+        sorted((t, m, k) for t in ("digits", "bbc-news", "lee50") for m in ("csr", "csrv2-linear") for k in (2, 4))
     assert {r["method"] for r in rows} == {"dense", "mrl-truncate", "mrl-linear", "csr", "csrv2-linear"}
     assert all(r["score"] == r["metrics"][TASKS[r["task"]].metric] for r in rows)
+    # asymmetric: digits' 1-NN with queries coded at query k = 32; logistic regression and Spearman as in the paper's protocol
+    for r in asymmetric:
+        metric = TASKS[r["task"]].metric
+        assert r["score"] == r["metrics"][f"{metric} query k=32" if r["task"] == "digits" else metric]
     dense = {r["task"]: r for r in rows if r["method"] == "dense"}
     # The dense rows by hand on the suite's own embeddings: digits by cosine 1-NN, lee50 by Spearman of pair cosines.
     digits = suite.data["digits"]
@@ -112,7 +120,7 @@ def test_reproduce_scores_every_method_and_writes_its_files(suite_run):
     out = Path(config.out)
     for name in ("results.json", "results.md", "score_vs_k.png", "dead_latents_vs_k.png"):
         assert (out / name).stat().st_size > 0
-    assert json.loads((out / "results.json").read_text())["rows"] == rows
+    assert json.loads((out / "results.json").read_text())["rows"] == every
 
 
 def test_rerun_reuses_heads_and_rows_and_redoes_only_what_is_missing(suite_run):
@@ -138,9 +146,11 @@ def test_reproduce_runs_the_end_to_end_methods_on_request(tmp_path):
     config = SuiteConfig(tasks=("digits", "bbc-news"), methods=("csrv2-linear", "csrv2-full", "mrl-finetuned"), k=(2, 4),
                          finetune_k=(2, 4), max_train=24, max_test=12, epochs=1, finetune_epochs=1, finetune_batch_size=12,
                          max_seq_length=16, image_size=32, out=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"), device="cpu")
-    rows = reproduce(config, progress=False)["rows"]
+    every = reproduce(config, progress=False)["rows"]
+    rows = [r for r in every if r["protocol"] == "same-k"]
     assert [(r["task"], r["method"], r["size"]) for r in rows] == [
         (t, m, k) for t in ("digits", "bbc-news") for m in ("csrv2-linear", "csrv2-full", "mrl-finetuned") for k in (2, 4)]
+    assert {r["method"] for r in every if r["protocol"] == "asymmetric"} == {"csrv2-linear", "csrv2-full"}  # the sparse heads
     full = [r for r in rows if r["method"] == "csrv2-full"]
     assert all(r["active_dims"] <= r["size"] and r["train_steps"] == 2 and 0 <= r["score"] <= 1 for r in full)
     models = sorted(p.name.rsplit("-", 1)[0] for p in (tmp_path / "run" / "models" / "bbc-news").iterdir())
@@ -148,7 +158,7 @@ def test_reproduce_runs_the_end_to_end_methods_on_request(tmp_path):
     # scored on embeddings of the finetuned backbones, which differ from the frozen one's
     linear = {(r["task"], r["size"]): r["score"] for r in rows if r["method"] == "csrv2-linear"}
     assert any(r["score"] != linear[r["task"], r["size"]] for r in full)
-    assert reproduce(config, progress=False)["rows"] == rows  # a rerun reuses the models and rows
+    assert reproduce(config, progress=False)["rows"] == every  # a rerun reuses the models and rows
 
 
 def test_reproduce_can_start_the_full_method_from_the_linear_head(tmp_path):
@@ -156,7 +166,7 @@ def test_reproduce_can_start_the_full_method_from_the_linear_head(tmp_path):
                          epochs=1, finetune_epochs=1, finetune_batch_size=12, max_seq_length=16, out=str(tmp_path / "run"),
                          cache_dir=str(tmp_path / "cache"), device="cpu")
     rows = reproduce(config, progress=False)["rows"]
-    assert [(r["method"], r["size"]) for r in rows] == [("csrv2-full", 2)]
+    assert [(r["method"], r["size"], r["protocol"]) for r in rows] == [("csrv2-full", 2, "same-k"), ("csrv2-full", 2, "asymmetric")]
     assert len(list((tmp_path / "run" / "heads" / "bbc-news").glob("csrv2-linear-k2-*"))) == 1  # trained first, on the frozen embeddings
     (model,) = (tmp_path / "run" / "models" / "bbc-news").iterdir()
     assert json.loads((model / "csrv2.json").read_text())["started_from_head"] is True

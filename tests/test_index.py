@@ -117,6 +117,27 @@ def test_dense_queries_match_brute_force(k, metric):
     assert (ids[3] == -1).all() and (scores[4][ids[4] >= 0] < 0).all()
 
 
+@pytest.mark.skipif(True not in SEARCH_PATHS, reason="the compiled kernel needs numba")
+@pytest.mark.parametrize("metric", ["ip", "cosine"])
+def test_the_kernel_equals_the_numpy_path_across_blocks(metric):
+    """The kernel sums index_module.BLOCK vectors at a time: an index of three blocks and a bit, searched with narrow,
+    wide and dense queries (some latents unused, a popular latent whose list spans every block), gives the numpy path's results."""
+    n, dim = 3 * index_module.BLOCK + 17, 64
+    codes = random_codes(n, dim, 2, seed=5)
+    codes.indices[::7, 0] = 0  # latent 0 in every block
+    codes.indices[::7, 1] = np.where(codes.indices[::7, 1] == 0, 1, codes.indices[::7, 1])
+    index = InvertedIndex.build(codes, metric)
+    rng = np.random.default_rng(6)
+    dense = rng.normal(size=(6, dim)).astype(np.float32)
+    dense[:, 10:20] = 0
+    for queries in (random_codes(6, dim, 2, seed=7), random_codes(6, dim, 32, seed=8), dense):
+        for top_n in (1, 10, 1000):
+            want_ids, want_scores = index.search(queries, top_n, compiled=False)
+            ids, scores = index.search(queries, top_n, compiled=True)
+            np.testing.assert_array_equal(ids, want_ids)
+            np.testing.assert_array_equal(scores, want_scores)
+
+
 def test_dense_queries_are_checked():
     index = InvertedIndex.build(random_codes(10, 16, 2, seed=0))
     with pytest.raises(InputError, match=r"dense queries must be \(q, 16\) float rows"):

@@ -82,11 +82,24 @@ def _untimed(rows: list[dict]) -> list[dict]:
 
 def test_hand_made_scores_are_exact(tmp_path, calls):
     rows = reproduce(_config(tmp_path), progress=False)["rows"]
-    assert [(r["method"], r["size"]) for r in rows] == [("dense", DIM), ("csrv2-linear", 2)]
+    assert [(r["method"], r["size"], r["protocol"]) for r in rows] == [("dense", DIM, "same-k"), ("csrv2-linear", 2, "same-k"),
+                                                                       ("csrv2-linear", 2, "asymmetric")]
     dense = rows[0]
     assert dense["metrics"] == {"accuracy": 0.75, "1nn_accuracy": 0.75} and dense["score"] == 0.75
     assert (dense["active_dims"], dense["dead_latents_pct"], dense["bytes_per_vector"]) == (DIM, None, 4 * DIM)
     assert rows[1]["train_steps"] == 1 and rows[1]["active_dims"] <= 2  # 32 rows, one batch of 128, one epoch
+    # the asymmetric row: the same codes and logistic accuracy, 1-NN scored again with richer queries
+    same, asym = rows[1:]
+    assert set(same["metrics"]) == {"accuracy", "1nn_accuracy", "1nn_accuracy query k=32", "1nn_accuracy dense query"}
+    assert asym["metrics"] == same["metrics"] and asym["score"] == same["score"] and asym["queries"] == "query k=32"
+
+
+def test_the_asymmetric_row_scores_retrieval_with_the_chosen_queries(tmp_path, calls):
+    for side, name in (("query-k", "query k=16"), ("dense", "dense query")):
+        config = _config(tmp_path, tasks=("news-retrieval",), query_k=16, asymmetric=side, out=str(tmp_path / side))
+        same, asym = reproduce(config, progress=False)["rows"][1:]
+        assert asym["protocol"] == "asymmetric" and asym["queries"] == name and asym["score"] == same["metrics"][f"ndcg@10 {name}"]
+        assert same["score"] == same["metrics"]["ndcg@10"]
 
 
 def test_a_scored_row_is_stored_and_a_rerun_reuses_it(tmp_path, calls):
@@ -94,7 +107,7 @@ def test_a_scored_row_is_stored_and_a_rerun_reuses_it(tmp_path, calls):
     assert calls == {"fit": 1, "score": 2}
     stored = [*_rows(tmp_path, "dense-8-*.json"), *_rows(tmp_path, "csrv2-linear-2-*.json")]
     assert len(stored) == 2 and len(_rows(tmp_path, "*")) == 2
-    assert [json.loads(p.read_text()) for p in stored] == first
+    assert [r for p in stored for r in json.loads(p.read_text())] == first  # a file holds the rows of one scoring
     again = reproduce(_config(tmp_path), progress=False)["rows"]
     assert calls == {"fit": 1, "score": 2}  # nothing trained or scored again
     assert again == first  # the stored rows, timings included
@@ -118,7 +131,7 @@ def test_a_damaged_row_is_scored_again(tmp_path, calls):
     again = reproduce(_config(tmp_path), progress=False)["rows"]
     assert calls == {"fit": 1, "score": 3}  # the dense row scored again; the head and its row reused
     assert _untimed(again) == _untimed(first)
-    assert _untimed([json.loads(dense.read_text())]) == _untimed(first[:1])  # and stored whole again
+    assert _untimed(json.loads(dense.read_text())) == _untimed(first[:1])  # and stored whole again
 
 
 def test_csr_trains_on_the_retrieval_pairs_and_on_classification_without_labels(tmp_path, calls, monkeypatch):
@@ -131,7 +144,7 @@ def test_csr_trains_on_the_retrieval_pairs_and_on_classification_without_labels(
 
     monkeypatch.setattr(Trainer, "fit", recorded)
     config = _config(tmp_path, tasks=("bbc-news", "news-retrieval"), methods=("csr", "csrv2-linear"))
-    rows = reproduce(config, progress=False)["rows"]
+    rows = [r for r in reproduce(config, progress=False)["rows"] if r["protocol"] == "same-k"]
     assert [(r["task"], r["method"]) for r in rows] == [(t, m) for t in ("bbc-news", "news-retrieval") for m in ("csr", "csrv2-linear")]
     assert trained == [(False, "self", 32, False), (True, "supervised", 32, True),  # bbc-news: CSR reads no labels
                        (False, "pairs", 32, False), (True, "pairs", 32, False)]  # retrieval: both on the 32 pairs, not 64 pooled texts

@@ -28,19 +28,21 @@ STAT_NAMES = ("active_dims", "dead_latents_pct", "train_dead_pct", "bytes_per_ve
 
 
 def summarise(rows: list[dict]) -> list[dict]:
-    """One entry per (method, size): the score per task, their average over tasks, and the mean code statistics.
+    """One entry per (method, protocol, size): the score per task, their average over tasks, and the mean code statistics.
 
     The dense backbone is one entry whatever its dimension; an average is None unless every task was scored.
     """
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     groups: dict[tuple, list[dict]] = defaultdict(list)
     for r in rows:
-        groups[(r["method"], None if r["method"] == "dense" else r["size"])].append(r)
+        groups[(r["method"], _protocol(r), None if r["method"] == "dense" else r["size"])].append(r)
     summary = []
-    for (method, size), group in groups.items():
+    for (method, protocol, size), group in groups.items():
         per_task = {r["task"]: r["score"] for r in group}
         summary.append({
             "method": method,
+            "protocol": protocol,
+            "queries": group[0].get("queries"),
             "size": size,
             "per_task": per_task,
             "average": _mean(per_task.values()) if len(per_task) == len(tasks) else None,
@@ -49,8 +51,17 @@ def summarise(rows: list[dict]) -> list[dict]:
     return summary
 
 
-def _find(summary: list[dict], method: str, size: int | None) -> dict | None:
-    return next((s for s in summary if s["method"] == method and s["size"] == size), None)
+def _protocol(entry: dict) -> str:
+    """"same-k" (queries coded like the documents: the paper's protocol, and every dense method's) or "asymmetric"."""
+    return entry.get("protocol", "same-k")
+
+
+def _label(entry: dict) -> str:
+    return LABELS[entry["method"]] + (f", asymmetric: {entry['queries']}" if _protocol(entry) == "asymmetric" else "")
+
+
+def _find(summary: list[dict], method: str, size: int | None, protocol: str = "same-k") -> dict | None:
+    return next((s for s in summary if s["method"] == method and s["size"] == size and _protocol(s) == protocol), None)
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -70,10 +81,14 @@ def markdown_table(results: dict) -> str:
     for s in summary:
         size = str(int(s["active_dims"])) if s["method"] == "dense" else str(s["size"])
         share = 100 * s["average"] / dense["average"] if dense and dense["average"] and s["average"] is not None else None
-        cells = [LABELS[s["method"]], size, *[_fmt(s["per_task"].get(t)) for t in tasks], _fmt(s["average"]),
+        cells = [_label(s), size, *[_fmt(s["per_task"].get(t)) for t in tasks], _fmt(s["average"]),
                  _fmt(share, 1), _fmt(s["dead_latents_pct"], 1), _fmt(s["bytes_per_vector"], 1)]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join([*lines, "", trained_on([s["method"] for s in summary])])
+    notes = [trained_on([s["method"] for s in summary])]
+    if any(_protocol(s) == "asymmetric" for s in summary):
+        notes.append("Asymmetric: the same stored codes, queries coded with more latents (or dense, the head's projection), "
+                     "which changes retrieval and 1-NN; the other rows code queries and documents alike, as the paper does.")
+    return "\n".join([*lines, "", *notes])
 
 
 def trained_on(methods: list[str]) -> str:
@@ -120,14 +135,16 @@ def plot_results(results: dict, out: str | os.PathLike) -> list[Path]:
     cols = min(4, len(panels))
     fig, axes = plt.subplots(math.ceil(len(panels) / cols), cols, figsize=(4 * cols, 3.2 * math.ceil(len(panels) / cols)), squeeze=False)
     for ax, panel in zip(axes.flat, panels):
-        for method in LABELS:
-            entries = [s for s in summary if s["method"] == method]
-            value = (lambda s: s["average"]) if panel == "average" else (lambda s, task=panel: s["per_task"].get(task))
-            points = [(s["size"], value(s)) for s in entries if value(s) is not None]
-            if method == "dense" and points:
-                ax.axhline(points[0][1], color="black", linestyle="--", label="dense")
-            elif points:
-                ax.plot(*zip(*sorted(points)), marker="o", label=LABELS[method])
+        for color, method in enumerate(LABELS):
+            for protocol in ("same-k", "asymmetric"):
+                entries = [s for s in summary if s["method"] == method and _protocol(s) == protocol]
+                value = (lambda s: s["average"]) if panel == "average" else (lambda s, task=panel: s["per_task"].get(task))
+                points = [(s["size"], value(s)) for s in entries if value(s) is not None]
+                if method == "dense" and points:
+                    ax.axhline(points[0][1], color="black", linestyle="--", label="dense")
+                elif points:  # a method keeps its colour; its asymmetric line is dotted
+                    ax.plot(*zip(*sorted(points)), marker="o", color=f"C{color}", linestyle=":" if protocol == "asymmetric" else "-",
+                            label=_label(entries[0]))
         ax.set_xscale("log", base=2)
         ax.set_title(panel if panel == "average" else f"{panel}", fontsize=10)
         ax.set_xlabel("k (sparse) / dims (MRL)")
@@ -141,7 +158,8 @@ def plot_results(results: dict, out: str | os.PathLike) -> list[Path]:
     for ax, key, title in ((axes[0], "dead_latents_pct", "latents unused on the evaluation sets (%)"),
                            (axes[1], "train_dead_pct", "dead at the end of training (%)")):
         for method in ("csr", "csrv2-linear", "csrv2-full"):
-            points = sorted((s["size"], s[key]) for s in summary if s["method"] == method and s[key] is not None)
+            entries = [s for s in summary if s["method"] == method and _protocol(s) == "same-k"]  # the same codes in both protocols
+            points = sorted((s["size"], s[key]) for s in entries if s[key] is not None)
             if points:
                 ax.plot(*zip(*points), marker="o", label=LABELS[method])
         ax.set_xscale("log", base=2)

@@ -15,6 +15,10 @@ methods share theirs (finetune_epochs, finetune_batch_size, backbone_lr). On ima
 method takes the paper's vision recipe (lr 4e-4, AuxK weight 1/32). A finetuned backbone
 re-embeds the data of the tasks it serves (through the cache, keyed by its weights).
 
+Two protocols for the sparse heads: "same-k", the paper's (queries coded at the documents' k), and
+"asymmetric" (documents and stored train codes at k, queries coded at query_k or dense, `head.project`),
+which changes retrieval and 1-NN; the paper's targets are checked on the first.
+
 An interrupted run resumes: each head is saved under out/heads and each scored row under out/rows,
 keyed by a hash of everything that determines it, and a rerun reuses whatever matches.
 """
@@ -35,14 +39,14 @@ from tqdm.auto import tqdm
 
 from ..atomic import write_json, write_text
 from ..codes import SparseCodes
-from ..config import DEFAULT_EPOCHS, HeadConfig, TrainConfig, preset, resolve_device
+from ..config import DEFAULT_EPOCHS, DEFAULT_QUERY_K, HeadConfig, TrainConfig, preset, resolve_device
 from ..data.backbones import ImageBackbone, TextBackbone
 from ..data.cache import EmbeddingCache
 from ..data.datasets import load_dataset
 from ..data.training import TrainingData
 from ..export import read_sparse_encoder
 from ..finetune import FINETUNE_EPOCHS, FinetuneConfig, Finetuner, read_image_model
-from ..head import SparseHead, encode
+from ..head import SparseHead, encode, project
 from ..model import load_head, read_settings, save_head
 from ..trainer import Trainer, contrastive_mode, latest_checkpoint
 from .baselines import load_matryoshka, save_matryoshka, train_matryoshka, truncate
@@ -98,6 +102,10 @@ class SuiteConfig:
     """Tokens kept per text: what makes news articles affordable on a CPU."""
     image_size: int = 64
     """Side in pixels images are resized to for EfficientNet-Lite0."""
+    query_k: int = DEFAULT_QUERY_K
+    """Latents of a query code in the asymmetric protocol (documents and stored train codes keep the row's k)."""
+    asymmetric: Literal["query-k", "dense"] = "query-k"
+    """Which query side the table's asymmetric rows show: codes at query_k, or dense (`head.project`); results.json keeps both."""
     validation: bool = False
     """Score a held-out 20% of each train split instead of the test splits, to choose settings honestly
     (tasks without a train split are skipped)."""
@@ -118,7 +126,7 @@ class SuiteConfig:
         for name in ("k", "finetune_k"):
             if not getattr(self, name) or any(k < 1 for k in getattr(self, name)):
                 raise ValueError(f"{name} must be positive sizes, got {getattr(self, name)}")
-        for name in ("max_train", "max_test", "epochs", "max_seq_length", "finetune_epochs", "finetune_batch_size"):
+        for name in ("max_train", "max_test", "epochs", "max_seq_length", "finetune_epochs", "finetune_batch_size", "query_k"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -177,7 +185,7 @@ class Suite:
         bar = tqdm(plan, desc="reproduce", unit="row", disable=not self.progress)
         for task, method, size in bar:
             bar.set_postfix_str(f"{task.name} {method} {size}")
-            rows.append(self.row(task, method, size))
+            rows += self.rows(task, method, size)
         results = {"settings": {**dataclasses.asdict(self.cfg), "backbone": self.text.name, "csrv2_version": version("csrv2"),
                                 "data_sizes": {n: d.sizes for n, d in self.data.items()}},
                    "rows": rows, "summary": summarise(rows)}
@@ -205,25 +213,34 @@ class Suite:
         data = embed_dataset(self.dataset(name), backbone, self.cache, progress=self.progress)
         return hold_out(data, seed=self.cfg.seed) if self.cfg.validation else data
 
-    def row(self, task: Task, method: str, size: int) -> dict:
-        """Score one (task, method, size), reusing the stored row when everything that makes it matches."""
+    def rows(self, task: Task, method: str, size: int) -> list[dict]:
+        """Score one (task, method, size), reusing the stored rows when everything that makes them matches: one row, and
+        for a sparse head a second, protocol "asymmetric": the same codes stored, queries coded at query_k or dense
+        (both scored into its metrics, the table's `asymmetric` choice as its score)."""
         train_key = self.head_key(task.training_set, method, size)
-        key = _hash([task, self.hashes[task.dataset], train_key, method, size, version("csrv2")])
+        query = [self.cfg.query_k, self.cfg.asymmetric]
+        key = _hash([task, self.hashes[task.dataset], train_key, method, size, version("csrv2"), query])
         path = self.out / "rows" / task.name / f"{method}-{size}-{key}.json"
         if path.exists():
             try:
                 return json.loads(path.read_text())
             except (OSError, ValueError):
                 pass  # a damaged row is scored again
-        data, represent, train_info = self.representation(task, method, size)
+        data, represent, head, train_info = self.representation(task, method, size)
+        queries = {} if head is None else {f"query k={self.cfg.query_k}": lambda x: encode(head, x, self.cfg.query_k, progress=False),
+                                           "dense query": lambda x: project(head, x, progress=False)}
         start = time.perf_counter()
-        metrics, evaluated = score(task, data, represent)
-        row = {"task": task.name, "kind": task.kind, "metric": task.metric, "method": method, "size": size,
+        metrics, evaluated = score(task, data, represent, queries)
+        row = {"task": task.name, "kind": task.kind, "metric": task.metric, "method": method, "size": size, "protocol": "same-k",
                "score": metrics[task.metric], "metrics": metrics, **self.stats(evaluated),
                **train_info, "eval_seconds": round(time.perf_counter() - start, 3)}
+        rows = [row]
+        if head is not None:
+            shown = f"query k={self.cfg.query_k}" if self.cfg.asymmetric == "query-k" else "dense query"
+            rows.append({**row, "protocol": "asymmetric", "queries": shown, "score": metrics.get(f"{task.metric} {shown}", row["score"])})
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_json(path, row)
-        return row
+        write_json(path, rows)
+        return rows
 
     def head_key(self, training_set: str, method: str, size: int) -> str | None:
         if method in ("dense", "mrl-truncate"):
@@ -249,24 +266,25 @@ class Suite:
         return {**budget, **(VISION_RECIPE if _kind(training_set) == "image" else {})}
 
     def representation(self, task: Task, method: str, size: int):
-        """(the embedded data scored, a function from its dense embeddings to what is scored, training facts for the row)."""
+        """(the embedded data scored, a function from its dense embeddings to what is scored, the sparse head or None,
+        training facts for the row)."""
         data = self.data[task.dataset]
         if method == "dense":
-            return data, (lambda x: x), {}
+            return data, (lambda x: x), None, {}
         if method == "mrl-truncate":
-            return data, (lambda x: truncate(x, size)), {}
+            return data, (lambda x: truncate(x, size)), None, {}
         if method in FINETUNED:
             folder, info = self.finetuned_model(task.training_set, method, size)
             data, head = self.finetuned_embeddings(folder, task.dataset)
             if head is None:
-                return data, (lambda x: truncate(x, size)), info
-            return data, (lambda x: encode(head, x, size, progress=False)), info
+                return data, (lambda x: truncate(x, size)), None, info
+            return data, (lambda x: encode(head, x, size, progress=False)), head, info
         folder, info = self.trained_head(task.training_set, method, size)
         if method == "mrl-linear":
             head = load_matryoshka(folder)
-            return data, (lambda x: head.encode(x, size)), info
+            return data, (lambda x: head.encode(x, size)), None, info
         head = load_head(folder)
-        return data, (lambda x: encode(head, x, size, progress=False)), info
+        return data, (lambda x: encode(head, x, size, progress=False)), head, info
 
     def trained_head(self, training_set: str, method: str, size: int) -> tuple[Path, dict]:
         """The folder of the head `method` trains on `training_set` (trained now unless already saved)."""

@@ -168,10 +168,18 @@ def _matrix(r: Representation):
     return r.to_scipy() if isinstance(r, SparseCodes) else r
 
 
-def score(task: Task, data: EmbeddedSet,
-          represent: Callable[[np.ndarray], Representation]) -> tuple[dict[str, float], list[Representation]]:
+def score(task: Task, data: EmbeddedSet, represent: Callable[[np.ndarray], Representation],
+          queries: dict[str, Callable[[np.ndarray], Representation]] | None = None) -> tuple[dict[str, float], list[Representation]]:
     """Metrics of one representation on one task, and the evaluation-set representations it scored
-    (for code statistics). Only the test side of a split is ever scored."""
+    (for code statistics). Only the test side of a split is ever scored.
+
+    queries: for asymmetric search, query sides by name (e.g. {"dense": project}); each scores the
+    task's searching metrics again with its queries against the same `represent`ed documents:
+    retrieval's test queries against the test documents, and 1-NN's test rows against the train rows,
+    as "<metric> <name>". Logistic regression, clustering and STS compare like with like and are
+    scored once.
+    """
+    queries = queries or {}
     if task.kind in ("classification", "image"):
         train, test = represent(data.train), represent(data.test)
         a, b = _matrix(train), _matrix(test)
@@ -179,13 +187,19 @@ def score(task: Task, data: EmbeddedSet,
             "accuracy": logistic_regression_accuracy(a, data.train_labels, b, data.test_labels),
             "1nn_accuracy": nearest_neighbour_accuracy(a, data.train_labels, b, data.test_labels),
         }
+        for name, query in queries.items():
+            metrics[f"1nn_accuracy {name}"] = nearest_neighbour_accuracy(a, data.train_labels, _matrix(query(data.test)), data.test_labels)
         return metrics, [test]
     if task.kind == "clustering":
         test = represent(data.test)
         return {"v_measure": v_measure(_matrix(test), data.test_labels)}, [test]
     if task.kind == "retrieval":
-        queries, documents = represent(data.test), represent(data.test_documents)
-        return retrieval_metrics(_matrix(queries), _matrix(documents)), [queries, documents]
+        queries_x, documents = represent(data.test), represent(data.test_documents)
+        metrics = retrieval_metrics(_matrix(queries_x), _matrix(documents))
+        for name, query in queries.items():
+            found = retrieval_metrics(_matrix(query(data.test)), _matrix(documents))
+            metrics.update({f"{metric} {name}": value for metric, value in found.items()})
+        return metrics, [queries_x, documents]
     if task.kind == "sts":
         x = represent(data.test)
         return {"spearman": spearman(_matrix(x), data.pairs, data.scores)}, [x]
