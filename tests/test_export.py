@@ -76,6 +76,10 @@ def test_sparse_encoder_loads_the_export_and_gives_csrv2_codes(trained, monkeypa
     ours = torch.from_numpy(csrv2.encode(head, x, progress=False).to_dense())
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
     assert (theirs != 0).sum(dim=1).max() <= 4
+    # asymmetric search there: queries with more latents than the documents' k, as csrv2 codes them
+    wide = model.encode_query(TEXTS, max_active_dims=32, convert_to_tensor=True, convert_to_sparse_tensor=False).to_dense()
+    torch.testing.assert_close(wide, torch.from_numpy(csrv2.encode(head, x, 32, progress=False).to_dense()), atol=1e-5, rtol=0)
+    assert (wide != 0).sum(dim=1).max() > 4
 
 
 @pytest.fixture(scope="module")
