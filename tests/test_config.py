@@ -157,3 +157,24 @@ def test_field_docs_are_the_docstrings_under_each_field(cls):
 def test_field_docs_read_the_right_string():
     assert field_docs(HeadConfig)["k"] == "Non-zero latents per code: the target k of training and the default k of encoding."
     assert field_docs(TrainConfig)["cl_coef"] == "gamma: weight of the contrastive loss on the k-sparse codes."
+
+
+def test_the_default_temperature_follows_the_contrastive_form_and_k():
+    from csrv2.config import resolve_temperature
+
+    assert [resolve_temperature(None, "pairs", k) for k in (2, 4, 8, 64)] == [0.2, 0.2, 0.05, 0.05]
+    assert {resolve_temperature(None, mode, 64) for mode in ("supervised", "self", "none")} == {0.2}
+    assert resolve_temperature(None, "pairs", None) == 0.2  # a dense (Matryoshka) head
+    assert resolve_temperature(0.3, "pairs", 64) == 0.3  # a given value always wins
+
+
+def test_a_trainer_records_the_temperature_it_used(tmp_path):
+    import numpy as np
+
+    from csrv2.data.training import TrainingData
+    from csrv2.trainer import Trainer
+
+    x = np.random.default_rng(0).normal(size=(16, 8)).astype(np.float32)
+    for k, documents, want in ((8, x[::-1].copy(), 0.05), (2, x[::-1].copy(), 0.2), (8, None, 0.2)):
+        trainer = Trainer(HeadConfig(8, 32, k), TrainConfig(epochs=1, device="cpu"), TrainingData(x, documents=documents), progress=False)
+        assert trainer.cfg.temperature == want

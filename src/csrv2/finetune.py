@@ -26,6 +26,7 @@ Every model folder has csrv2.json with the settings of the run; `read_image_mode
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import shutil
@@ -40,7 +41,17 @@ from safetensors.torch import load_model, save_model
 
 from . import distributed as dist
 from .atomic import write_folder, write_json
-from .config import MRL_DIMS, HeadConfig, TrainConfig, check_bool, check_finite, check_int, resolve_device, resolve_k_init
+from .config import (
+    MRL_DIMS,
+    HeadConfig,
+    TrainConfig,
+    check_bool,
+    check_finite,
+    check_int,
+    resolve_device,
+    resolve_k_init,
+    resolve_temperature,
+)
 from .data.backbones import ImageBackbone, TextBackbone
 from .data.training import class_ids
 from .errors import InputError
@@ -209,6 +220,9 @@ class Finetuner:
         elif max(self.ft.mrl_dims) > backbone.dim:
             raise InputError(f"mrl_dims go up to {max(self.ft.mrl_dims)} but the backbone makes {backbone.dim}-d embeddings; "
                              "pass smaller dims")
+        # the sparse head's temperature follows its k; the Matryoshka peer's is a dense model's
+        k = self.head_config.k if self.ft.objective == "csrv2" else None
+        self.cfg = dataclasses.replace(self.cfg, temperature=resolve_temperature(self.cfg.temperature, self.mode, k))
         # find_unused_parameters: a backbone may hold weights its embedding does not use (BERT's pooler)
         self.objective = dist.wrap(EndToEnd(backbone, self.head, self.cfg, self.ft, self.mode), self.device, find_unused_parameters=True)
         self.optimizer = torch.optim.Adam(groups, eps=self.cfg.adam_eps)

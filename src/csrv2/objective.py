@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from . import distributed as dist
 from . import kernels
-from .config import TrainConfig
+from .config import TrainConfig, resolve_temperature
 from .head import SparseHead
 from .losses import (
     auxk_loss,
@@ -106,7 +106,8 @@ def reference_losses(
         loss_cl = torch.zeros((), device=x.device)
     else:
         queries, documents = z_k.chunk(2) if mode == "pairs" else (z_k, z_k)
-        loss_cl = _contrastive(cosine_logits(queries, dist.gather(documents), cfg.temperature), mode, labels)
+        temperature = resolve_temperature(cfg.temperature, mode, head.config.k)
+        loss_cl = _contrastive(cosine_logits(queries, dist.gather(documents), temperature), mode, labels)
     losses = {
         "loss_k": reconstruction_loss(x, x_hat_k),
         "loss_4k": reconstruction_loss(x, x_hat_4k),
@@ -241,7 +242,8 @@ def fast_losses(
         "loss_k": reconstruction_loss(x, x_hat_k),
         "loss_4k": reconstruction_loss(x, x_hat_4k),
         "loss_aux": loss_aux,
-        "loss_cl": _sparse_contrastive(step.idx_k, step.val_k, head.config.hidden_dim, mode, labels, cfg.temperature, compiled),
+        "loss_cl": _sparse_contrastive(step.idx_k, step.val_k, head.config.hidden_dim, mode, labels,
+                                       resolve_temperature(cfg.temperature, mode, head.config.k), compiled),
     }
     return _with_total(losses, cfg), step.fired
 

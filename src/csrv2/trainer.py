@@ -6,6 +6,7 @@ checkpoints while training), resume, locking and the stop on a non-finite loss a
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from contextlib import contextmanager
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 
 from . import distributed as dist
-from .config import HeadConfig, TrainConfig, preset, resolve_device, resolve_k_init
+from .config import HeadConfig, TrainConfig, preset, resolve_device, resolve_k_init, resolve_temperature
 from .data.training import TrainingData, class_ids
 from .errors import InputError
 from .head import SparseHead
@@ -97,8 +98,10 @@ class Trainer:
             raise InputError(
                 f"embeddings have {data.dim} dims but input_dim is {head_config.input_dim}; set input_dim to the embeddings' dimension"
             )
-        self.head_config, self.cfg, self.data = head_config, train_config, data
         self.mode = contrastive_mode(train_config, data)
+        temperature = resolve_temperature(train_config.temperature, self.mode, head_config.k)  # None: by the contrastive form and k
+        train_config = dataclasses.replace(train_config, temperature=temperature)
+        self.head_config, self.cfg, self.data = head_config, train_config, data
         h, k = head_config.hidden_dim, head_config.k
         self.k_init = resolve_k_init(train_config.k_init, k, h) if train_config.anneal else k
         self.steps_per_epoch = math.ceil(len(data) / train_config.batch_size)

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save
 
 from ..atomic import write_bytes, write_json
-from ..config import MRL_DIMS, TrainConfig, resolve_device
+from ..config import MRL_DIMS, TrainConfig, resolve_device, resolve_temperature
 from ..data.training import TrainingData
 from ..errors import InputError
 from ..objective import matryoshka_loss
@@ -81,6 +81,7 @@ def train_matryoshka(data: TrainingData, cfg: TrainConfig, dims: tuple[int, ...]
     mode = contrastive_mode(cfg, data)
     if mode == "none":
         raise ValueError("a Matryoshka head learns only through its contrastive loss; choose a contrastive form other than 'none'")
+    temperature = resolve_temperature(cfg.temperature, mode, None)  # a dense head: the paper's 0.2 unless given
     optimizer = torch.optim.Adam(head.parameters(), lr=cfg.lr, eps=cfg.adam_eps)
     b = cfg.batch_size
     steps_per_epoch = -(-len(data) // b)
@@ -94,7 +95,7 @@ def train_matryoshka(data: TrainingData, cfg: TrainConfig, dims: tuple[int, ...]
             rows = np.sort(order[position * b : (position + 1) * b])
             x = batch_embeddings(data, rows, mode == "pairs")
             labels = None if data.labels is None else torch.from_numpy(data.labels[rows]).to(device)
-            loss = matryoshka_loss(head(torch.from_numpy(x).to(device)), head.dims, mode, labels, cfg.temperature)
+            loss = matryoshka_loss(head(torch.from_numpy(x).to(device)), head.dims, mode, labels, temperature)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             run.watch(loss, step + 1)

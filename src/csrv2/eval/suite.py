@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from ..atomic import write_json, write_text
 from ..codes import SparseCodes
-from ..config import DEFAULT_EPOCHS, DEFAULT_QUERY_K, HeadConfig, TrainConfig, preset, resolve_device
+from ..config import DEFAULT_EPOCHS, DEFAULT_QUERY_K, TEMPERATURE, HeadConfig, TrainConfig, preset, resolve_device, resolve_temperature
 from ..data.backbones import ImageBackbone, TextBackbone
 from ..data.cache import EmbeddingCache
 from ..data.datasets import load_dataset
@@ -249,9 +249,13 @@ class Suite:
         size = sorted(self.cfg.k) if method.startswith("mrl-") else size
         warm = [self.cfg.finetune_init] if method == "csrv2-full" and self.cfg.finetune_init != "random" else []
         budget = self.budget_for(training_set, method)
-        # csr's contrastive form follows its data (pairs, else self): named when not self, so a self-supervised csr head keeps its key
-        form = self.contrastive_form(training_set, method) if method == "csr" else "self"
-        named = [] if form == "self" else [form]
+        named = []  # what else decides the head, named only where it departs from the first recipe, so that other heads keep their keys
+        if method in ("csr", "csrv2-linear", "csrv2-full"):
+            form = self.contrastive_form(training_set, "csrv2-linear" if method == "csrv2-full" else method)
+            if method == "csr" and form != "self":  # csr's form follows its data: pairs, else self
+                named.append(form)
+            if (temperature := resolve_temperature(None, form, size)) != TEMPERATURE:
+                named.append(f"temperature={temperature}")
         return _hash([self.hashes[training_set], method, size, budget, self.cfg.hidden_dim, version("csrv2"), *warm, *named])
 
     def contrastive_form(self, training_set: str, method: str) -> str:
