@@ -100,6 +100,10 @@ def test_the_asymmetric_row_scores_retrieval_with_the_chosen_queries(tmp_path, c
         same, asym = reproduce(config, progress=False)["rows"][1:]
         assert asym["protocol"] == "asymmetric" and asym["queries"] == name and asym["score"] == same["metrics"][f"ndcg@10 {name}"]
         assert same["score"] == same["metrics"]["ndcg@10"]
+    # a query k below the row's k codes queries at the row's k: the paper's protocol again
+    config = _config(tmp_path, tasks=("news-retrieval",), query_k=1, out=str(tmp_path / "narrow"))
+    same = reproduce(config, progress=False)["rows"][1]
+    assert same["metrics"]["ndcg@10 query k=1"] == same["metrics"]["ndcg@10"]
 
 
 def test_a_scored_row_is_stored_and_a_rerun_reuses_it(tmp_path, calls):

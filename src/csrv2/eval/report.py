@@ -86,8 +86,9 @@ def markdown_table(results: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     notes = [trained_on([s["method"] for s in summary])]
     if any(_protocol(s) == "asymmetric" for s in summary):
-        notes.append("Asymmetric: the same stored codes, queries coded with more latents (or dense, the head's projection), "
-                     "which changes retrieval and 1-NN; the other rows code queries and documents alike, as the paper does.")
+        notes.append("Asymmetric: the same stored codes, queries coded with more latents (query k, or the row's k if larger) "
+                     "or dense (the head's projection), which changes retrieval and 1-NN; the other rows code queries and "
+                     "documents alike, as the paper does.")
     return "\n".join([*lines, "", *notes])
 
 

@@ -103,7 +103,7 @@ class SuiteConfig:
     image_size: int = 64
     """Side in pixels images are resized to for EfficientNet-Lite0."""
     query_k: int = DEFAULT_QUERY_K
-    """Latents of a query code in the asymmetric protocol (documents and stored train codes keep the row's k)."""
+    """Latents of a query code in the asymmetric protocol, or the row's k if larger (documents and stored train codes keep theirs)."""
     asymmetric: Literal["query-k", "dense"] = "query-k"
     """Which query side the table's asymmetric rows show: codes at query_k, or dense (`head.project`); results.json keeps both."""
     validation: bool = False
@@ -227,7 +227,8 @@ class Suite:
             except (OSError, ValueError):
                 pass  # a damaged row is scored again
         data, represent, head, train_info = self.representation(task, method, size)
-        queries = {} if head is None else {f"query k={self.cfg.query_k}": lambda x: encode(head, x, self.cfg.query_k, progress=False),
+        query_k = max(self.cfg.query_k, size)  # never narrower than the documents' codes, as `csrv2 search` codes them
+        queries = {} if head is None else {f"query k={self.cfg.query_k}": lambda x: encode(head, x, query_k, progress=False),
                                            "dense query": lambda x: project(head, x, progress=False)}
         start = time.perf_counter()
         metrics, evaluated = score(task, data, represent, queries)
