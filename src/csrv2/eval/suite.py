@@ -218,8 +218,8 @@ class Suite:
         for a sparse head a second, protocol "asymmetric": the same codes stored, queries coded at query_k or dense
         (both scored into its metrics, the table's `asymmetric` choice as its score)."""
         train_key = self.head_key(task.training_set, method, size)
-        query = [self.cfg.query_k, self.cfg.asymmetric]
-        key = _hash([task, self.hashes[task.dataset], train_key, method, size, version("csrv2"), query])
+        query_k = max(self.cfg.query_k, size)  # never narrower than the documents' codes, as `csrv2 search` codes them
+        key = _hash([task, self.hashes[task.dataset], train_key, method, size, version("csrv2"), [query_k, self.cfg.asymmetric]])
         path = self.out / "rows" / task.name / f"{method}-{size}-{key}.json"
         if path.exists():
             try:
@@ -227,7 +227,6 @@ class Suite:
             except (OSError, ValueError):
                 pass  # a damaged row is scored again
         data, represent, head, train_info = self.representation(task, method, size)
-        query_k = max(self.cfg.query_k, size)  # never narrower than the documents' codes, as `csrv2 search` codes them
         queries = {} if head is None else {f"query k={self.cfg.query_k}": lambda x: encode(head, x, query_k, progress=False),
                                            "dense query": lambda x: project(head, x, progress=False)}
         start = time.perf_counter()
