@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 import csrv2.kernels
 import csrv2.objective
-from csrv2.config import HeadConfig, TrainConfig, resolve_k_init
+from csrv2.config import HeadConfig, TrainConfig, resolve_k_init, resolve_temperature
 from csrv2.data.training import TrainingData
 from csrv2.head import SparseHead
 from csrv2.objective import step_losses
@@ -98,7 +98,7 @@ def official_losses(head, x, k, stats, labels, cfg, dead=None):
         "loss_k": F.mse_loss(x_hat_k, x),
         "loss_4k": F.mse_loss(x_hat_4k, x),
         "loss_aux": (F.mse_loss(res_hat, residual) / baseline).nan_to_num(0) * dead1.any(),
-        "loss_cl": label_contrastive(z1, z3, labels, cfg.temperature),
+        "loss_cl": label_contrastive(z1, z3, labels, resolve_temperature(cfg.temperature, "supervised", k)),
     }
     losses["loss"] = (losses["loss_k"] + cfg.multi_k_coef * losses["loss_4k"] + cfg.aux_coef * losses["loss_aux"]
                       + cfg.cl_coef * losses["loss_cl"])
