@@ -174,3 +174,15 @@ def test_validation_holds_out_part_of_the_users_train_split(tmp_path, monkeypatc
     results = reproduce(_config(tmp_path, (str(path),), methods=("dense",), validation=True), progress=False)
     assert results["settings"]["data_sizes"] == {"vectors": {"train": 26, "validation": 6}}  # 20% of the 32 train rows; test unused
     assert [r["task"] for r in results["rows"]] == ["vectors", "vectors-clustering"]
+
+
+def test_npy_embeddings_take_their_labels_from_labels(tmp_path, monkeypatch):
+    monkeypatch.setattr(suite_module, "plot_results", lambda results, out: None)
+    with np.load(_embeddings_npz(tmp_path / "vectors.npz")) as f:
+        np.save(tmp_path / "x.npy", f["embeddings"])
+        np.save(tmp_path / "y.npy", f["labels"])
+    config = _config(tmp_path, (str(tmp_path / "x.npy"),), methods=("dense",), labels=str(tmp_path / "y.npy"))
+    rows = reproduce(config, progress=False)["rows"]
+    assert [(r["task"], r["size"]) for r in rows] == [("x", 24), ("x-clustering", 24)]
+    with pytest.raises(InputError, match="holds embeddings without labels"):
+        reproduce(_config(tmp_path, (str(tmp_path / "x.npy"),), out=str(tmp_path / "other")), progress=False)

@@ -19,6 +19,9 @@ Two protocols for the sparse heads: "same-k", the paper's (queries coded at the 
 "asymmetric" (documents and stored train codes at k, queries coded at query_k or dense, `head.project`),
 which changes retrieval and 1-NN; the paper's targets are checked on the first.
 
+The user's files (`data`) become tasks of their own beside or instead of the packaged ones (user_data.py): their
+texts are embedded like the packaged sets', their embeddings used as they are.
+
 An interrupted run resumes: each head is saved under out/heads and each scored row under out/rows,
 keyed by a hash of everything that determines it, and a rerun reuses whatever matches.
 """
