@@ -167,6 +167,20 @@ def _split(keys: Sequence[Hashable], test_fraction: float, seed: int, max_train:
     return _subset(np.flatnonzero(~is_test), max_train, seed, "max_train"), _subset(np.flatnonzero(is_test), max_test, seed, "max_test")
 
 
+def split_rows(keys: Sequence[Hashable], test_fraction: float = 0.2, seed: int = 0, *, max_train: int | None = None,
+               max_test: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Row ids (train, test) of a seeded split of n rows by their keys (n,): equal keys land on the same side."""
+    return _split(keys, test_fraction, seed, max_train, max_test)
+
+
+def column_split_rows(split: Sequence[str], seed: int = 0, *, max_train: int | None = None,
+                      max_test: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Row ids (train, test) of a split given row by row as "train" / "test" (n,), each a seeded subset of at most max_* rows."""
+    split = np.asarray(split)
+    return (_subset(np.flatnonzero(split == "train"), max_train, seed, "max_train"),
+            _subset(np.flatnonzero(split == "test"), max_test, seed, "max_test"))
+
+
 def _pick(items: Sequence, rows: np.ndarray) -> list:
     return [items[i] for i in rows]
 
@@ -359,6 +373,18 @@ def read_pairs(path: str | os.PathLike, query_column: str = "query", document_co
     return _cells(columns[query_column], path, query_column, text=True), _cells(columns[document_column], path, document_column, text=True)
 
 
+def read_split(path: str | os.PathLike, column: str = "split") -> list[str] | None:
+    """The (n) "train" / "test" values of a table file's `column`, or None when the table has no such column."""
+    table = _read_file(path)
+    if column not in table:
+        return None
+    values = _cells(table[column], path, column, text=True)
+    bad = next((row for row, value in enumerate(values, 1) if value not in ("train", "test")), None)
+    if bad is not None:
+        raise InputError(f"{path}: row {bad} has {column} {values[bad - 1]!r}; write train or test (or drop the column for a seeded split)")
+    return values
+
+
 def read_images(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """(images, labels) from an .npz holding `images`, (n, H, W) or (n, H, W, 3) uint8 or float in [0, 1], and `labels`, (n,).
 
@@ -391,6 +417,15 @@ def _as_uint8(images: np.ndarray, what: str) -> np.ndarray:
 
 def _read_columns(path: str | os.PathLike, names: list[str]) -> dict[str, list]:
     """The named columns of a table file, each a list of n cells (None where a row lacks one); n >= 1."""
+    table = _read_file(path)
+    for name in names:
+        if name not in table:
+            raise InputError(f"{path}: no column {name!r}; its columns are {', '.join(map(repr, table))}, so name one of those")
+    return {name: table[name] for name in names}
+
+
+def _read_file(path: str | os.PathLike) -> dict[str, list]:
+    """Every column of a table file, each a list of n cells (None where a row lacks one); n >= 1."""
     path = Path(path)
     if path.suffix not in TABLE_FORMATS:
         raise InputError(f"{path}: unsupported file type {path.suffix or '(none)'!r}; use one of {', '.join(TABLE_FORMATS)}")
@@ -401,10 +436,7 @@ def _read_columns(path: str | os.PathLike, names: list[str]) -> dict[str, list]:
     table = {".csv": _read_csv, ".jsonl": _read_jsonl, ".parquet": _read_parquet}[path.suffix](path)
     if not table or not len(next(iter(table.values()))):
         raise InputError(f"{path}: has no rows; write at least one row")
-    for name in names:
-        if name not in table:
-            raise InputError(f"{path}: no column {name!r}; its columns are {', '.join(map(repr, table))}, so name one of those")
-    return {name: table[name] for name in names}
+    return table
 
 
 def _read_csv(path: Path) -> dict[str, list]:

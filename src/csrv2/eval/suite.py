@@ -19,6 +19,9 @@ Two protocols for the sparse heads: "same-k", the paper's (queries coded at the 
 "asymmetric" (documents and stored train codes at k, queries coded at query_k or dense, `head.project`),
 which changes retrieval and 1-NN; the paper's targets are checked on the first.
 
+The user's files (`data`) become tasks of their own beside or instead of the packaged ones (user_data.py): their
+texts are embedded like the packaged sets', their embeddings used as they are.
+
 An interrupted run resumes: each head is saved under out/heads and each scored row under out/rows,
 keyed by a hash of everything that determines it, and a rerun reuses whatever matches.
 """
@@ -44,6 +47,7 @@ from ..data.backbones import ImageBackbone, TextBackbone
 from ..data.cache import EmbeddingCache
 from ..data.datasets import load_dataset
 from ..data.training import TrainingData
+from ..errors import InputError
 from ..export import read_sparse_encoder
 from ..finetune import FINETUNE_EPOCHS, FinetuneConfig, Finetuner, read_image_model
 from ..head import SparseHead, encode, project
@@ -53,6 +57,7 @@ from .baselines import load_matryoshka, save_matryoshka, train_matryoshka, trunc
 from .metrics import code_stats, dense_bytes_per_vector
 from .report import markdown_table, plot_results, summarise, target_lines
 from .tasks import DEFAULT_TASKS, TASKS, EmbeddedSet, Task, embed_dataset, hold_out, score, training_data, training_items
+from .user_data import load_user_data, user_tasks
 
 DEFAULT_METHODS = ("dense", "mrl-truncate", "mrl-linear", "csr", "csrv2-linear")
 FINETUNED = ("csrv2-full", "mrl-finetuned")
@@ -67,7 +72,22 @@ class SuiteConfig:
     """What `csrv2 reproduce` runs. Sizes are caps: a data set smaller than a cap is used whole."""
 
     tasks: tuple[str, ...] = DEFAULT_TASKS
-    """Tasks to score (default: the six text tasks; fashion-mnist and digits are image tasks)."""
+    """Tasks to score (default: the six text tasks; fashion-mnist and digits are image tasks); () with data: only the user's."""
+    data: tuple[str, ...] = ()
+    """The user's files, scored as tasks named after their stems: a labelled .csv/.jsonl/.parquet table (classification and
+    clustering), a pairs table (with pairs: retrieval), or embeddings (.npz of embeddings + labels, or queries + documents)."""
+    text_column: str = "text"
+    """Text column of a labelled table in data."""
+    label_column: str = "label"
+    """Label column of a labelled table in data."""
+    pairs: bool = False
+    """The tables in data hold query/document pairs (retrieval)."""
+    query_column: str = "query"
+    """Query column of a pairs table in data."""
+    document_column: str = "document"
+    """Document column of a pairs table in data."""
+    labels: str = ""
+    """Labels (.npy or .npz, one per row) of .npy embeddings in data."""
     methods: tuple[str, ...] = DEFAULT_METHODS
     """Methods to compare; csrv2-full and mrl-finetuned (end to end) are opt-in."""
     k: tuple[int, ...] = SIZES
@@ -118,7 +138,7 @@ class SuiteConfig:
 
     def __post_init__(self) -> None:
         unknown = [t for t in self.tasks if t not in TASKS]
-        if unknown or not self.tasks:
+        if unknown or not (self.tasks or self.data):
             raise ValueError(f"unknown tasks {unknown}; choose from {', '.join(TASKS)}")
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
@@ -163,6 +183,7 @@ class Suite:
         self.image = ImageBackbone(self.cfg.image_size, device=device)
         self.device = device
         self.datasets: dict[str, object] = {}  # name -> the loaded data set
+        self.tasks = {name: TASKS[name] for name in self.cfg.tasks}  # the packaged tasks run, then the user's (`load_user_files`)
         self.data: dict[str, EmbeddedSet] = {}  # name -> its embeddings by the frozen backbone
         self.hashes: dict[str, str] = {}  # data set name -> digest of its embeddings and labels, taken once
         self.budget = {"epochs": self.cfg.epochs, "seed": self.cfg.seed, "device": self.cfg.device}  # every head-only method's
@@ -174,7 +195,8 @@ class Suite:
     # --- the run, top to bottom -------------------------------------------------------------
     def run(self) -> dict:
         self.out.mkdir(parents=True, exist_ok=True)
-        tasks = [TASKS[name] for name in self.cfg.tasks]
+        self.load_user_files()
+        tasks = list(self.tasks.values())
         if self.cfg.validation:  # a task whose data has no train split (STS) has nothing to hold out
             tasks = [t for t in tasks if t.dataset == t.training_set]
         for name in dict.fromkeys(n for t in tasks for n in (t.dataset, t.training_set)):
@@ -192,25 +214,46 @@ class Suite:
         self.write(results)
         return results
 
+    def load_user_files(self) -> None:
+        """Read and split the user's files (before any work, so that a bad one stops the run at once) and add their tasks."""
+        for path in self.cfg.data:
+            loaded = load_user_data(path, pairs=self.cfg.pairs, text_column=self.cfg.text_column, label_column=self.cfg.label_column,
+                                    query_column=self.cfg.query_column, document_column=self.cfg.document_column, labels=self.cfg.labels,
+                                    seed=self.cfg.seed, max_train=self.cfg.max_train, max_test=self.cfg.max_test)
+            if loaded.name in self.datasets:
+                raise InputError(f"{path}: another file in --data has the name {loaded.name!r}; rename one of them")
+            if isinstance(loaded, EmbeddedSet) and any(m in FINETUNED for m in self.cfg.methods):
+                raise InputError(f"{path}: holds embeddings, and {', '.join(FINETUNED)} train backbones on texts; drop them from --methods")
+            self.datasets[loaded.name] = loaded
+            self.tasks.update({task.name: task for task in user_tasks(loaded.name, loaded)})
+
     def sizes(self, method: str, task: Task) -> tuple[int, ...]:
         if method == "dense":
             return (self.dim(task),)
+        if method.startswith("mrl-"):
+            return self.mrl_dims(task.dataset)
         return tuple(sorted(self.cfg.finetune_k if method == "csrv2-full" else self.cfg.k))
+
+    def mrl_dims(self, name: str) -> tuple[int, ...]:
+        """The sizes of k an MRL prefix of `name`'s embeddings can take: none wider than they are (user embeddings may be narrow)."""
+        return tuple(m for m in sorted(self.cfg.k) if m <= self.data[name].test.shape[1])
 
     def dim(self, task: Task) -> int:
         return self.data[task.dataset].test.shape[1]
 
     def dataset(self, name: str):
         """The data set `name`, loaded once with the suite's sizes and seed."""
-        if name not in self.datasets:
+        if name not in self.datasets:  # the user's files are read by `load_user_files`
             sizes = {} if _kind(name) == "sts" else {"max_train": self.cfg.max_train, "max_test": self.cfg.max_test, "seed": self.cfg.seed}
             self.datasets[name] = load_dataset(name, **sizes)
         return self.datasets[name]
 
     def embed(self, name: str, backbone: TextBackbone | ImageBackbone | None = None) -> EmbeddedSet:
         """The data set's embeddings by `backbone` (default: the frozen one of its kind), through the cache."""
-        backbone = backbone or (self.image if _kind(name) == "image" else self.text)
-        data = embed_dataset(self.dataset(name), backbone, self.cache, progress=self.progress)
+        backbone = backbone or (self.image if _kind(name, self.tasks) == "image" else self.text)
+        dataset = self.dataset(name)
+        # embeddings the user gave are used as they are: no backbone runs
+        data = dataset if isinstance(dataset, EmbeddedSet) else embed_dataset(dataset, backbone, self.cache, progress=self.progress)
         return hold_out(data, seed=self.cfg.seed) if self.cfg.validation else data
 
     def rows(self, task: Task, method: str, size: int) -> list[dict]:
@@ -246,7 +289,7 @@ class Suite:
         if method in ("dense", "mrl-truncate"):
             return None
         # One Matryoshka head (or backbone) serves every prefix, so it depends on the whole list of sizes; a sparse head on its k alone.
-        size = sorted(self.cfg.k) if method.startswith("mrl-") else size
+        size = list(self.mrl_dims(training_set)) if method.startswith("mrl-") else size
         warm = [self.cfg.finetune_init] if method == "csrv2-full" and self.cfg.finetune_init != "random" else []
         budget = self.budget_for(training_set, method)
         named = []  # what else decides the head, named only where it departs from the first recipe, so that other heads keep their keys
@@ -267,7 +310,7 @@ class Suite:
         """The TrainConfig fields `method` trains with on `training_set` (plus backbone_lr for the end-to-end methods):
         image sets take the paper's vision recipe (lr 4e-4, beta = 1/32; its batch of 4096 exceeds these train splits)."""
         budget = self.finetune_budget if method in FINETUNED else self.budget
-        return {**budget, **(VISION_RECIPE if _kind(training_set) == "image" else {})}
+        return {**budget, **(VISION_RECIPE if _kind(training_set, self.tasks) == "image" else {})}
 
     def representation(self, task: Task, method: str, size: int):
         """(the embedded data scored, a function from its dense embeddings to what is scored, the sparse head or None,
@@ -301,7 +344,7 @@ class Suite:
         data = self.data[training_set]
         start = time.perf_counter()
         if method == "mrl-linear":
-            dims = tuple(sorted(self.cfg.k))
+            dims = self.mrl_dims(training_set)
             budget = TrainConfig(**self.budget_for(training_set, method))
             head = train_matryoshka(training_data(data, with_labels=True), budget, dims, progress=False)
             save_matryoshka(head, folder)
@@ -328,7 +371,7 @@ class Suite:
         if info_file.exists():
             return folder, json.loads(info_file.read_text())
         items, labels, documents = training_items(self.dataset(training_set), self.cfg.validation, self.cfg.seed)
-        image = _kind(training_set) == "image"
+        image = _kind(training_set, self.tasks) == "image"
         backbone = ImageBackbone(self.cfg.image_size, device=self.device) if image else \
             TextBackbone(self.cfg.model or None, device=self.device, max_seq_length=self.cfg.max_seq_length)
         objective = "matryoshka" if method == "mrl-finetuned" else "csrv2"
@@ -351,7 +394,7 @@ class Suite:
     def finetuned_embeddings(self, folder: Path, name: str) -> tuple[EmbeddedSet, SparseHead | None]:
         """Data set `name` embedded by the finetuned backbone in `folder`, and its head (None for MRL); loaded once."""
         if (folder, name) not in self.finetuned:
-            if _kind(name) == "image":
+            if _kind(name, self.tasks) == "image":
                 backbone, head = read_image_model(folder, self.device)
             elif read_settings(folder)["finetune"]["objective"] == "csrv2":
                 backbone, head = read_sparse_encoder(folder)
@@ -382,9 +425,9 @@ def sparse_recipe(data: EmbeddedSet, method: str, budget: dict) -> tuple[Trainin
     return training_data(data, with_labels), preset("csrv2" if with_labels else "csr", **budget)
 
 
-def _kind(name: str) -> str:
-    """The task kind of a data set's first task: decides its sizes and its backbone."""
-    return next(t.kind for t in TASKS.values() if t.dataset == name)
+def _kind(name: str, tasks: dict[str, Task] | None = None) -> str:
+    """The task kind of a data set's first task, among the packaged tasks and `tasks` (the user's): decides its sizes and its backbone."""
+    return next(t.kind for t in {**TASKS, **(tasks or {})}.values() if t.dataset == name)
 
 
 def reproduce(config: SuiteConfig | None = None, progress: bool = True) -> dict:
