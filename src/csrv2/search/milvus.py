@@ -32,7 +32,7 @@ from ..errors import InputError
 from .index import METRICS, check_codes, code_weights, query_weights
 
 try:
-    from pymilvus import DataType, MilvusClient
+    from pymilvus import DataType, MilvusClient, MilvusException
 except ImportError as e:
     raise ImportError('csrv2.search.milvus needs pymilvus: pip install "csrv2[milvus]"') from e
 
@@ -48,9 +48,18 @@ def _vectors(latents: np.ndarray, weights: np.ndarray) -> list[dict[int, float]]
 
 
 def _settings(client: MilvusClient, collection: str) -> dict[str, Any]:
-    """The csrv2 settings kept in a collection's description, or {} for a collection csrv2 did not write."""
+    """The csrv2 settings kept in a collection's description, or {} for a collection csrv2 did not write.
+
+    One request when the collection exists (a search pays for it: about 1 ms on Milvus Lite); `InputError` if it does not.
+    """
     try:
-        meta = json.loads(client.describe_collection(collection).get("description") or "{}")
+        description = client.describe_collection(collection).get("description")
+    except MilvusException:
+        if client.has_collection(collection):
+            raise
+        raise InputError(f"Milvus collection {collection!r} does not exist; write it with csrv2.search.milvus.export_codes") from None
+    try:
+        meta = json.loads(description or "{}")
     except (TypeError, ValueError):
         return {}
     return meta.get("csrv2", {}) if isinstance(meta, dict) else {}
@@ -112,12 +121,13 @@ def export_codes(
         rows = range(start, min(start + batch_size, n))
         given = [None] * len(rows) if payloads is None else payloads[start : rows.stop]
         client.insert(collection, [{"id": ids[i], VECTOR: vectors[i], PAYLOAD: dict(p or {})} for i, p in zip(rows, given)])
-    # Speed: inserted rows sit in a growing segment, which Milvus (Lite above all) searches by brute force, about 1.5 s
-    # a query at 100k codes; flushing seals the segment and builds the sparse inverted index on it, and reloading
-    # serves searches from that index (1-2 ms a query, docs/benchmarks.md).
+    # Set-up for speed and exactness (Milvus Lite 2.5.1, 100k k = 2 codes at h = 1536, 2 CPU cores; docs/benchmarks.md):
+    # the collection is created with its index, so it is loaded and searchable as rows arrive (a growing segment: ~1-3 ms
+    # a query straight after inserting, on the real engine; the ~1.6 s probe was not reproduced); flushing seals the rows into
+    # segments with the sparse inverted index built and written to disk (Lite's file), at the same query speed. Releasing
+    # and reloading after the flush gained nothing measurable and cost ~5 s at 100k, so it is not done. A collection
+    # reopened from a Lite file starts released: its first search loads it (~5 s at 100k; load_collection pays it ahead).
     client.flush(collection)
-    client.release_collection(collection)
-    client.load_collection(collection)
 
 
 def search_codes(
@@ -129,15 +139,14 @@ def search_codes(
     Like `InvertedIndex.search`: rows by score descending, only entities sharing a latent with the query
     (every non-empty one for a dense query with a negative weight), padded with id -1 and score -inf. Pass
     the metric the collection was exported with ("cosine" L2-normalises the queries); ties may come in
-    Milvus's order rather than by smaller id. Queries go `batch_size` per request. `InputError` on a missing
+    Milvus's order rather than by smaller id. Queries go `batch_size` per request. A collection reopened from a Milvus
+    Lite file is loaded by its first search (seconds); `client.load_collection(collection)` pays that ahead. `InputError` on a missing
     collection or a dim or metric other than the collection's settings; `ValueError` if top_n < 1.
     """
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
     if top_n < 1:
         raise ValueError(f"top_n must be >= 1, got {top_n}")
-    if not client.has_collection(collection):
-        raise InputError(f"Milvus collection {collection!r} does not exist; write it with csrv2.search.milvus.export_codes")
     meta = _settings(client, collection)
     dim = queries.dim if isinstance(queries, SparseCodes) else np.shape(queries)[-1]
     if meta.get("dim", dim) != dim:
