@@ -89,6 +89,8 @@ def test_bad_input(client):
     codes = random_codes(10, 32, 2, seed=0)
     with pytest.raises(InputError, match="3 ids for 10 codes"):
         export_codes(codes, client, "c", ids=[1, 2, 3])
+    with pytest.raises(InputError, match="ids repeat"):
+        export_codes(codes, client, "c", ids=[1, 2, 3, 4, 5, 6, 7, 8, 9, 1])
     with pytest.raises(InputError, match="2 payloads for 10 codes"):
         export_codes(codes, client, "c", payloads=[{}, {}])
     with pytest.raises(InputError, match="row 0 has a negative"):

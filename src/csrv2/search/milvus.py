@@ -95,6 +95,8 @@ def export_codes(
         if given is not None and len(given) != n:
             raise InputError(f"{len(given)} {name} for {n} codes; pass one per code")
     ids = list(range(n)) if ids is None else [int(i) for i in ids]
+    if len(set(ids)) != n:  # Milvus would keep both rows of a repeated id, Qdrant the last: neither is what was meant
+        raise InputError(f"ids repeat ({n - len(set(ids))} duplicates among {n}); pass one distinct id per code")
     used = check_codes(codes, "codes")  # validate everything before touching the collection
     weights = np.where(used, code_weights(codes, metric), 0)  # (n, k) float64
     sums = weights.sum(axis=1)

@@ -69,6 +69,8 @@ def export_codes(
     for name, given in (("ids", ids), ("payloads", payloads)):
         if given is not None and len(given) != n:
             raise InputError(f"{len(given)} {name} for {n} codes; pass one per code")
+    if len(set(ids)) != n:  # a repeated id would silently replace an earlier point
+        raise InputError(f"ids repeat ({n - len(set(ids))} duplicates among {n}); pass one distinct id per code")
     used = check_codes(codes, "codes")  # validate everything before touching the collection
     vectors = _vectors(codes.indices, np.where(used, code_weights(codes, metric), 0).astype(np.float32))
     if client.collection_exists(collection):
