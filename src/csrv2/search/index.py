@@ -36,6 +36,7 @@ from __future__ import annotations
 import os
 import struct
 import zlib
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -216,6 +217,26 @@ def query_weights(queries: SparseCodes | np.ndarray, dim: int, metric: str, top_
         norm = np.sqrt((weights * weights).sum(axis=1, keepdims=True))
         weights = np.divide(weights, norm, out=np.zeros_like(weights), where=norm > 0)
     return np.broadcast_to(np.arange(dim, dtype=np.int64), rows.shape), weights.astype(np.float32)
+
+
+def export_rows(codes: SparseCodes, metric: str, batch_size: int, ids: Sequence | None, payloads: Sequence | None,
+                id_of: Callable = int) -> tuple[list, np.ndarray]:
+    """Checks shared by every engine's `export_codes`, made before it touches a collection; returns the n point ids
+    (`id_of` of each given id, default 0 .. n-1) and the (n, k) float64 stored weights, L2-normalised for "cosine" and
+    0 in unused slots. `ValueError` on a metric or batch_size out of range; `InputError` on ids or payloads of a length
+    other than n, a repeated id (an engine would keep both rows, or the last), or codes `build` refuses."""
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    n = len(codes)
+    for name, given in (("ids", ids), ("payloads", payloads)):
+        if given is not None and len(given) != n:
+            raise InputError(f"{len(given)} {name} for {n} codes; pass one per code")
+    ids = list(range(n)) if ids is None else [id_of(i) for i in ids]
+    if len(set(ids)) != n:
+        raise InputError(f"ids repeat ({n - len(set(ids))} duplicates among {n}); pass one distinct id per code")
+    return ids, np.where(check_codes(codes, "codes"), code_weights(codes, metric), 0)
 
 
 def _search_kernel(offsets, ids, bits, half, q_idx, q_val, n, out_ids, out_scores):

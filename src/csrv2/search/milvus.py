@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from ..codes import SparseCodes
 from ..errors import InputError
-from .index import METRICS, check_codes, code_weights, query_weights
+from .index import METRICS, export_rows, query_weights
 
 try:
     from pymilvus import DataType, MilvusClient, MilvusException
@@ -86,19 +86,8 @@ def export_codes(
     unless overwrite=True, which drops and recreates it; so are codes the index refuses (see
     `InvertedIndex.build`) and ids or payloads of a length other than n.
     """
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    ids, weights = export_rows(codes, metric, batch_size, ids, payloads)  # (n, k) float64; checked before touching the collection
     n = len(codes)
-    for name, given in (("ids", ids), ("payloads", payloads)):
-        if given is not None and len(given) != n:
-            raise InputError(f"{len(given)} {name} for {n} codes; pass one per code")
-    ids = list(range(n)) if ids is None else [int(i) for i in ids]
-    if len(set(ids)) != n:  # Milvus would keep both rows of a repeated id, Qdrant the last: neither is what was meant
-        raise InputError(f"ids repeat ({n - len(set(ids))} duplicates among {n}); pass one distinct id per code")
-    used = check_codes(codes, "codes")  # validate everything before touching the collection
-    weights = np.where(used, code_weights(codes, metric), 0)  # (n, k) float64
     sums = weights.sum(axis=1)
     offset = float(np.float32(sums.max(initial=0.0) + 1.0))  # see the module docstring: room for signed dense queries
     latents = np.concatenate([codes.indices.astype(np.int64), np.full((n, 1), codes.dim, np.int64)], axis=1)

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from ..codes import SparseCodes
 from ..errors import InputError
-from .index import METRICS, check_codes, code_weights, query_weights
+from .index import METRICS, export_rows, query_weights
 
 try:
     from qdrant_client import QdrantClient, models
@@ -27,6 +27,11 @@ except ImportError as e:
     raise ImportError('csrv2.search.qdrant needs qdrant-client: pip install "csrv2[qdrant]"') from e
 
 VECTOR = "csrv2"  # the collection's one named sparse vector
+
+
+def _point_id(i: int | str) -> int | str:
+    """A Qdrant point id: an unsigned int (numpy's too), or a UUID string as given."""
+    return int(i) if isinstance(i, (int, np.integer)) else i
 
 
 def _vectors(latents: np.ndarray, weights: np.ndarray) -> list[models.SparseVector]:
@@ -60,19 +65,9 @@ def export_codes(
     an `InputError` unless overwrite=True, which deletes and recreates it; so are codes the index
     refuses (see `InvertedIndex.build`) and ids or payloads of a length other than n.
     """
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    ids, weights = export_rows(codes, metric, batch_size, ids, payloads, id_of=_point_id)  # checked before touching the collection
     n = len(codes)
-    ids = list(range(n)) if ids is None else [int(i) if isinstance(i, (int, np.integer)) else i for i in ids]
-    for name, given in (("ids", ids), ("payloads", payloads)):
-        if given is not None and len(given) != n:
-            raise InputError(f"{len(given)} {name} for {n} codes; pass one per code")
-    if len(set(ids)) != n:  # a repeated id would silently replace an earlier point
-        raise InputError(f"ids repeat ({n - len(set(ids))} duplicates among {n}); pass one distinct id per code")
-    used = check_codes(codes, "codes")  # validate everything before touching the collection
-    vectors = _vectors(codes.indices, np.where(used, code_weights(codes, metric), 0).astype(np.float32))
+    vectors = _vectors(codes.indices, weights.astype(np.float32))
     if client.collection_exists(collection):
         if not overwrite:
             raise InputError(f"Qdrant collection {collection!r} already exists; pass overwrite=True to replace it or choose another name")
