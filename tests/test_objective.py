@@ -305,13 +305,14 @@ def test_objective_by_hand_aux_is_zero_without_dead_latents(path):
 # --- the fast path against the reference ------------------------------------------------------------
 
 
-def both_paths(head, x0, k, dead, mode, labels, compiled):
+def both_paths(head, x0, k, dead, mode, labels, compiled, detach_target=False):
     """Losses, fired latents and the gradients of every parameter and of x (as when finetuning), by the reference
-    and by the fast path."""
+    and by the fast path; detach_target: reconstruct x.detach() (end to end on images)."""
     results = []
-    for losses_of in (reference_losses, lambda *a: fast_losses(*a, compiled=compiled)):
+    for losses_of in (reference_losses, lambda *a, **kw: fast_losses(*a, **kw, compiled=compiled)):
         x = x0.clone().requires_grad_()
-        losses, fired = losses_of(head, x, k, dead, TrainConfig(), mode, labels if mode == "supervised" else None)
+        target = x.detach() if detach_target else None
+        losses, fired = losses_of(head, x, k, dead, TrainConfig(), mode, labels if mode == "supervised" else None, target=target)
         grads = torch.autograd.grad(losses["loss"], [*head.parameters(), x], allow_unused=True)
         results.append(({name: v.detach() for name, v in losses.items()}, fired, grads))
     return results
@@ -348,6 +349,27 @@ def test_fast_path_equals_reference(make_head, embeddings, mode, k, normalize, c
     assert (dead & ~fired).sum() == 7 and reference[0]["loss_aux"] > 0 and (reference[0]["loss_cl"] > 0) == (mode != "none")
     assert all(g is not None for g in reference[2])  # every parameter and x is reached
     assert_same(reference, fast)
+
+
+@pytest.mark.parametrize("compiled", COMPILED)
+@pytest.mark.parametrize("mode", ["supervised", "pairs"])
+def test_a_detached_target_keeps_the_losses_and_takes_its_gradient_off_x(make_head, embeddings, mode, compiled):
+    head = make_head(input_dim=8, hidden_dim=64, k=2, k_aux=6, seed=5)
+    x = embeddings(12, 8, seed=6)
+    dead = torch.zeros(64, dtype=torch.bool)
+    dead[head.encode(x, 2)[0].unique()] = True  # fired, so not dead for the batch
+    dead[torch.randperm(64, generator=torch.Generator().manual_seed(1))[:20]] = True  # AuxK has dead latents to read
+    labels = torch.tensor([0, 1, 2] * 4)
+    attached = both_paths(head, x, 2, dead, mode, labels, compiled)
+    detached = both_paths(head, x, 2, dead, mode, labels, compiled, detach_target=True)
+    assert_same(*detached)  # the fast path holds to the reference with a detached target too
+    for name, value in attached[0][0].items():  # same values: only the gradient's route changes
+        torch.testing.assert_close(detached[0][0][name], value, msg=name)
+    for got, want in zip(detached[0][2][:-1], attached[0][2][:-1], strict=True):  # the head learns as before
+        torch.testing.assert_close(got, want)
+    x_attached, x_detached = attached[0][2][-1], detached[0][2][-1]
+    assert not torch.allclose(x_detached, x_attached)  # x no longer gets the target's share
+    assert x_detached.abs().sum() > 0  # but still learns through the head's input
 
 
 @pytest.mark.parametrize("compiled", COMPILED)

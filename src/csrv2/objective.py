@@ -51,17 +51,21 @@ def step_losses(
     cfg: TrainConfig,
     mode: str,
     labels: torch.Tensor | None = None,
+    *,
+    target: torch.Tensor | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """The CSRv2 objective on one batch: `fast_losses`, compiled where kernels.available, or `reference_losses` if REFERENCE.
 
     x: (n, input_dim), for mode "pairs" the queries then their documents (n/2 each); dead: (hidden_dim,)
-    bool; mode: supervised, pairs, self or none; labels: (n,) for mode "supervised". Returns the losses
+    bool; mode: supervised, pairs, self or none; labels: (n,) for mode "supervised"; target: (n, input_dim),
+    what the codes reconstruct (default x; end to end may pass x.detach(), so that the backbone learns through the
+    head's input alone). Returns the losses
     (0-dim tensors: loss_k, loss_4k, loss_aux, loss_cl and their weighted sum loss) and fired:
     (hidden_dim,) bool, the latents active in some top-k code.
     """
     if REFERENCE:
-        return reference_losses(head, x, k, dead, cfg, mode, labels)
-    return fast_losses(head, x, k, dead, cfg, mode, labels, compiled=kernels.available(x.device, head.weight.dtype))
+        return reference_losses(head, x, k, dead, cfg, mode, labels, target=target)
+    return fast_losses(head, x, k, dead, cfg, mode, labels, target=target, compiled=kernels.available(x.device, head.weight.dtype))
 
 
 # --- the reference: the paper's objective, top to bottom ---------------------------------------------
@@ -75,17 +79,21 @@ def reference_losses(
     cfg: TrainConfig,
     mode: str,
     labels: torch.Tensor | None = None,
+    *,
+    target: torch.Tensor | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """`step_losses` by plain autograd on zero-filled (n, hidden_dim) codes.
 
     z_k = ReLU(TopK_k(pre)) and z_4k = ReLU(TopK_4k(pre)) decode through the tied W into x_hat_k and
-    x_hat_4k. AuxK: the top k_aux pre-activations among the dead latents decode the residual x - x_hat_k
-    (the gradient stopped through x_hat_k), normalised by the residual's spread over the batch; a latent
-    that fires in this batch is not dead for it (as in the official recipe, whose counters are updated by
-    the top-k before AuxK reads them). L_cl: the contrastive form `mode` on the cosines of the k-sparse
-    codes (losses.py): supervised (labels), pairs (queries against their documents), self, or none.
+    x_hat_4k, each compared with the target (default x). AuxK: the top k_aux pre-activations among the dead
+    latents decode the residual target - x_hat_k (the gradient stopped through x_hat_k), normalised by the
+    residual's spread over the batch; a latent that fires in this batch is not dead for it (as in the official
+    recipe, whose counters are updated by the top-k before AuxK reads them). L_cl: the contrastive form `mode`
+    on the cosines of the k-sparse codes (losses.py): supervised (labels), pairs (queries against their
+    documents), self, or none.
     """
     h, weight = head.config.hidden_dim, head.weight
+    target = x if target is None else target
     x_in, mu, std = head.standardize(x)  # identity unless config.normalize
     pre = F.linear(x_in - head.pre_bias, weight, head.latent_bias)  # (n, h) = W (x - b_pre) + b_lat, the one encoder product
     top = pre.topk(min(4 * k, h), dim=1)  # (n, 4k), sorted: its first k columns are the top-k
@@ -99,7 +107,7 @@ def reference_losses(
     # Live latents are masked to -inf: when fewer than k_aux are dead, the ReLU zeroes the live ones the top-k_aux takes.
     aux = pre.masked_fill(~dead, -torch.inf).topk(head.config.k_aux, dim=1)
     z_aux = sparse_to_dense(aux.indices, aux.values.relu(), h)  # (n, h)
-    residual = x - x_hat_k.detach()
+    residual = target - x_hat_k.detach()
     residual_hat = head.unstandardize(z_aux @ weight, std, bias=False)  # W^T z_aux, in x's scale
 
     if mode == "none":
@@ -109,8 +117,8 @@ def reference_losses(
         temperature = resolve_temperature(cfg.temperature, mode, head.config.k)
         loss_cl = _contrastive(cosine_logits(queries, dist.gather(documents), temperature), mode, labels)
     losses = {
-        "loss_k": reconstruction_loss(x, x_hat_k),
-        "loss_4k": reconstruction_loss(x, x_hat_4k),
+        "loss_k": reconstruction_loss(target, x_hat_k),
+        "loss_4k": reconstruction_loss(target, x_hat_4k),
         "loss_aux": _auxk(residual, residual_hat, dead.any()),
         "loss_cl": loss_cl,
     }
@@ -214,6 +222,7 @@ def fast_losses(
     mode: str,
     labels: torch.Tensor | None = None,
     *,
+    target: torch.Tensor | None = None,
     compiled: bool = False,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """`reference_losses`, computed without a dense code; `compiled` (CPUs with numba: kernels.available) runs the
@@ -227,20 +236,21 @@ def fast_losses(
     Compiled, autograd's dense products and zero-filled buffers, which cost more than the sparse work they
     hold on a CPU, are left out.
     """
+    target = x if target is None else target
     x_in, mu, std = head.standardize(x)
     with torch.no_grad() if compiled else nullcontext():  # the compiled path builds the gradients itself
         pre = head.project(x_in)  # (n, h)
     step = _compiled_codes(head, x_in, pre, k, dead) if compiled else _autograd_codes(head, pre, k, dead)
     x_hat_k = head.unstandardize(step.sum_k, std, mu)
     x_hat_4k = head.unstandardize(step.sum_k + step.sum_rest, std, mu)
-    residual = x - x_hat_k.detach()
+    residual = target - x_hat_k.detach()
     if step.sum_aux is None:
         loss_aux = torch.zeros((), device=x.device)
     else:
         loss_aux = _auxk(residual, head.unstandardize(step.sum_aux, std, bias=False), step.any_dead)
     losses = {
-        "loss_k": reconstruction_loss(x, x_hat_k),
-        "loss_4k": reconstruction_loss(x, x_hat_4k),
+        "loss_k": reconstruction_loss(target, x_hat_k),
+        "loss_4k": reconstruction_loss(target, x_hat_4k),
         "loss_aux": loss_aux,
         "loss_cl": _sparse_contrastive(step.idx_k, step.val_k, head.config.hidden_dim, mode, labels,
                                        resolve_temperature(cfg.temperature, mode, head.config.k), compiled),
