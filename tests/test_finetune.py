@@ -10,10 +10,11 @@ import pytest
 import torch
 
 import csrv2
-from csrv2.config import TrainConfig
+from csrv2.config import VISION_RECIPE, TrainConfig
 from csrv2.data.backbones import TextBackbone
 from csrv2.errors import InputError
 from csrv2.finetune import FinetuneConfig, finetune_text
+from csrv2.model import read_settings
 
 TEXTS = ["Shares fell as the bank cut rates.", "The striker scored twice.", "Profits rose at the car maker.",
          "The keeper saved a late penalty.", "Markets rallied on the news.", "The home side won the cup."]
@@ -98,6 +99,19 @@ def test_cli_finetune_writes_a_sparse_encoder(tmp_path, capsys):
     assert main(args) == 0
     assert (out / "modules.json").is_file() and "k = 2" in capsys.readouterr().out
     assert main(args) == 2 and "already exists" in capsys.readouterr().err
+    assert read_settings(out)["finetune"]["detach_target"] is False  # texts: the recipe measured on them
+    assert read_settings(out)["train"]["lr"] == TrainConfig.lr
+
+
+def test_cli_finetune_on_images_takes_the_vision_recipe(tmp_path):
+    from csrv2.cli import main
+
+    out = tmp_path / "model"
+    args = ["finetune", "--data", "digits", "--max-rows", "16", "--image-size", "32", "--k", "2", "--hidden-dim", "32",
+            "--epochs", "1", "--batch-size", "8", "--device", "cpu", "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    assert {name: read_settings(out)["train"][name] for name in VISION_RECIPE} == VISION_RECIPE
+    assert main([*args, "--lr", "1e-3", "--overwrite"]) == 0 and read_settings(out)["train"]["lr"] == 1e-3  # what is given wins
 
 
 def _cfg(**kw):
@@ -198,6 +212,23 @@ def test_images_train_end_to_end_and_load_back(digits, objective, tmp_path):
         assert torch.equal(loaded_head.weight, head.weight)
     else:
         assert head is None and loaded_head is None
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_image_training_keeps_the_pretrained_batchnorm_statistics(digits, freeze, tmp_path):
+    from csrv2.data.backbones import ImageBackbone
+    from csrv2.finetune import finetune_images
+
+    def statistics(model):  # every BatchNorm's running mean and variance, concatenated
+        return torch.cat([torch.cat([m.running_mean, m.running_var]) for m in model.modules()
+                          if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)])
+
+    pretrained = statistics(ImageBackbone(image_size=32).model).clone()
+    trained, _ = finetune_images(ImageBackbone(image_size=32), digits.train_images, digits.train_labels, k=2, hidden_dim=64,
+                                 train=_cfg(epochs=1, batch_size=8), finetune=FinetuneConfig(backbone_lr=1e-3, freeze_batchnorm=freeze),
+                                 out=tmp_path / "img", progress=False)
+    assert torch.equal(statistics(trained.model), pretrained) == freeze  # the weights trained either way (test above)
+    assert read_settings(tmp_path / "img")["finetune"]["detach_target"] is True  # images: the target's gradient is stopped
 
 
 def test_image_bad_inputs(digits, tmp_path):

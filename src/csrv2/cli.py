@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .config import DEFAULT_QUERY_K, PRESETS, HeadConfig, TrainConfig
+from .config import DEFAULT_QUERY_K, PRESETS, VISION_RECIPE, HeadConfig, TrainConfig
 from .errors import InputError
 from .options import Command, add_dataclass_options, field_names, given
 
@@ -194,8 +194,11 @@ def _finetune_options(finetune: argparse.ArgumentParser) -> None:
     _add_run_options(data, resume="continue the run in --out from its newest checkpoint", overwrite="replace an existing --out")
     _add_backbone_options(finetune, DEFAULT_BACKBONE)
     finetune.add_argument("--image-size", type=int, default=64, help="side in pixels images are resized to (image data)")
-    training = finetune.add_argument_group("training (lr is the head's)", f"End to end trains the backbone too, so --epochs defaults to "
-                                           f"{FINETUNE_EPOCHS}, not the {TrainConfig.epochs} of head-only training.")
+    training = finetune.add_argument_group(
+        "training (lr is the head's)",
+        f"End to end trains the backbone too, so --epochs defaults to {FINETUNE_EPOCHS}, not the {TrainConfig.epochs} of head-only "
+        f"training; on images --lr and --aux-coef default to the paper's vision recipe, "
+        f"{VISION_RECIPE['lr']} and {VISION_RECIPE['aux_coef']}.")
     add_dataclass_options(training, TrainConfig, FINETUNE_TRAIN_OPTIONS, defaults={"epochs": FINETUNE_EPOCHS})
     add_dataclass_options(finetune.add_argument_group("sparse head"), HeadConfig, ("k", "hidden_dim"), defaults={"k": DEFAULT_K})
     add_dataclass_options(finetune.add_argument_group("end to end"), FinetuneConfig)
@@ -401,8 +404,9 @@ def run_finetune(args: argparse.Namespace) -> None:
     from .finetune import FINETUNE_EPOCHS, FinetuneConfig, Finetuner
 
     ft = FinetuneConfig(**given(args, field_names(FinetuneConfig)))
-    train = TrainConfig(**{"epochs": FINETUNE_EPOCHS, **given(args, FINETUNE_TRAIN_OPTIONS)})
     items = read_source(args.data, **_source(args))
+    recipe = VISION_RECIPE if "images" in items else {}
+    train = TrainConfig(**{"epochs": FINETUNE_EPOCHS, **recipe, **given(args, FINETUNE_TRAIN_OPTIONS)})
     backbone = backbone_for(items, args.backbone, max_seq_length=args.max_seq_length, image_size=args.image_size)
     inputs = items.get("images", items.get("texts", items.get("queries")))
     trained, head = Finetuner(

@@ -42,7 +42,17 @@ from tqdm.auto import tqdm
 
 from ..atomic import write_json, write_text
 from ..codes import SparseCodes
-from ..config import DEFAULT_EPOCHS, DEFAULT_QUERY_K, TEMPERATURE, HeadConfig, TrainConfig, preset, resolve_device, resolve_temperature
+from ..config import (
+    DEFAULT_EPOCHS,
+    DEFAULT_QUERY_K,
+    TEMPERATURE,
+    VISION_RECIPE,
+    HeadConfig,
+    TrainConfig,
+    preset,
+    resolve_device,
+    resolve_temperature,
+)
 from ..data.backbones import ImageBackbone, TextBackbone
 from ..data.cache import EmbeddingCache
 from ..data.datasets import load_dataset
@@ -63,7 +73,6 @@ DEFAULT_METHODS = ("dense", "mrl-truncate", "mrl-linear", "csr", "csrv2-linear")
 FINETUNED = ("csrv2-full", "mrl-finetuned")
 METHODS = DEFAULT_METHODS + FINETUNED
 SIZES = (2, 4, 8, 16, 32, 64)
-VISION_RECIPE = {"lr": 4e-4, "aux_coef": 1 / 32}
 QUICK = {"max_train": 400, "max_test": 200, "k": (2, 8, 32)}
 
 
@@ -299,6 +308,8 @@ class Suite:
                 named.append(form)
             if (temperature := resolve_temperature(None, form, size)) != TEMPERATURE:
                 named.append(f"temperature={temperature}")
+        if method in FINETUNED and _kind(training_set, self.tasks) == "image":
+            named.append("frozen batchnorm, detached target")  # FinetuneConfig's image defaults
         return _hash([self.hashes[training_set], method, size, budget, self.cfg.hidden_dim, version("csrv2"), *warm, *named])
 
     def contrastive_form(self, training_set: str, method: str) -> str:
