@@ -114,7 +114,12 @@ def serve_milvus(db: SparseCodes, folder: Path, metric: str) -> tuple[dict, obje
     start = time.perf_counter()
     milvus.export_codes(db, client, "codes", metric=metric, progress=False)
     times = {"insert_s": time.perf_counter() - start, "build_s": sum(flushed)}
-    return times, lambda q: milvus.search_codes(client, "codes", q, TOP_N, metric)[0], client.close
+
+    def close():  # client.close only drops the connection: stop the Milvus Lite server too, which writes out and frees the rows
+        from milvus_lite.server_manager import server_manager_instance
+        client.close()
+        server_manager_instance.release_server(str(folder / "codes.db"))
+    return times, lambda q: milvus.search_codes(client, "codes", q, TOP_N, metric)[0], close
 
 
 def serve_qdrant(db: SparseCodes, folder: Path, metric: str) -> tuple[dict, object, object]:
