@@ -5,10 +5,10 @@ What is measured, for each data family, database size n and engine (top-10, metr
                 Milvus: the whole `csrv2.search.milvus.export_codes` call, into `MilvusClient("<tmp>/codes.db")`;
                 Qdrant: the whole `csrv2.search.qdrant.export_codes` call, into `QdrantClient(path=<tmp>)`.
     build s:    the part of insert s that builds the index. Built-in: InvertedIndex.build alone (save is the rest);
-                Milvus: the `client.flush` that export_codes ends with (it seals the rows into segments and builds and
-                writes their SPARSE_INVERTED_INDEX; the collection was created with its index, so some indexing of the
-                growing segment happens during the inserts and cannot be told apart); Qdrant's local mode keeps plain
-                lists of points and builds no index (none).
+                Milvus: the `client.flush` that export_codes ends with, timed apart (printed "x flush"); the collection
+                is created with its SPARSE_INVERTED_INDEX and Milvus Lite indexes the rows as they arrive, so its index
+                build sits inside the inserts and cannot be told apart (the flush took <= 0.01 s up to 1M rows);
+                Qdrant's local mode keeps plain lists of points and builds no index (none).
     disk MB:    a recursive size of what the engine left on disk once closed: the index file, the Milvus Lite .db
                 folder and files, the Qdrant path folder.
     one query:  median seconds of --single calls with one query each (one more call first, to warm up; the built-in
@@ -30,17 +30,20 @@ queries coded at --query-k (default csrv2.config.DEFAULT_QUERY_K = 32: asymmetri
                 queries (drawn at --query-k).
 Sizes: 10k (where the built-in index is checked against brute force, and Qdrant is measured), 100k and 1M. Qdrant's
 local mode is a pure-Python emulation: its upsert commits each point to SQLite on its own, and a search scores every
-stored point in a Python loop (~0.23 s a query at 10k on 2 shared cores, so a 512-query batch at 100k would take ~20
-minutes). It is measured up to --qdrant-max-n points (default 10k) only; rows above that are printed as not measured,
-with what was measured below, and nothing is extrapolated. The default run takes ~25 minutes on one thread.
+stored point in a Python loop. On 2 shared cores, at 10k: insert 21-181 s (disk-bound), 0.19-0.23 s a query; at 100k
+(the last command below): insert 455 s, 1.5 s a query, 117 s for 64 queries. So it is measured up to --qdrant-max-n
+points (default 10k) only; rows above that are printed as not measured, with what was measured below, and nothing is
+extrapolated. The default run (--head, both families) took 14 minutes on one thread, most of it Qdrant's 10k rows.
 
     python benchmarks/search_engines.py                                  # synthetic only: n = 10k, 100k, 1M
     python benchmarks/search_engines.py --head HEAD_DIR --documents D.npy --queries Q.npy   # real and synthetic
     python benchmarks/search_engines.py --sizes 10000 --engines builtin,milvus --json engines.json
-    python benchmarks/search_engines.py --engines qdrant --sizes 100000 --qdrant-max-n 100000 --single 10 --batch 64
+    python benchmarks/search_engines.py --head HEAD_DIR --documents D.npy --queries Q.npy --families real \
+        --engines qdrant --sizes 100000 --qdrant-max-n 100000 --single 10 --batch 64
 
 Run with OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 NUMBA_NUM_THREADS=1 for one thread on every side (the built-in index's
-search is single-threaded anyway).
+search is single-threaded anyway). Milvus Lite serves from a child process with thread pools of its own (7 threads seen),
+which these variables reach but do not confine to one core.
 """
 
 from __future__ import annotations
@@ -239,7 +242,7 @@ def main(argv=None):
     print(f"\n| family | h | k | n | engine | insert s | build s | disk MB | one query ms | {nq}-batch s | top-{TOP_N} agreement |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        build = "none" if r["build_s"] is None else f"{r['build_s']:.2f}"
+        build = "none" if r["build_s"] is None else f"{r['build_s']:.2f}" + (" flush" if r["engine"] == "milvus" else "")
         print(f"| {r['family']} | {r['h']} | {r['k']} | {r['n']:,} | {r['engine']} | {r['insert_s']:.2f} | {build} | "
               f"{r['disk_bytes'] / 1e6:.1f} | {r['single_ms']:.2f} | {r['batch_s']:.3f} | {r['agreement']:.4f} |")
     for s in skipped:  # say why, with what was measured below the cap
