@@ -30,7 +30,7 @@ queries coded at --query-k (default csrv2.config.DEFAULT_QUERY_K = 32: asymmetri
                 queries (drawn at --query-k).
 Sizes: 10k (where the built-in index is checked against brute force, and Qdrant is measured), 100k and 1M. Qdrant's
 local mode is a pure-Python emulation: its upsert commits each point to SQLite on its own, and a search scores every
-stored point in a Python loop. On 2 shared cores, at 10k: insert 21-181 s (disk-bound), 0.19-0.23 s a query; at 100k
+stored point in a Python loop. On 2 shared cores, at 10k: insert 21-181 s (disk-bound), 0.13-0.23 s a query; at 100k
 (the last command below): insert 455 s, 1.5 s a query, 117 s for 64 queries. So it is measured up to --qdrant-max-n
 points (default 10k) only; rows above that are printed as not measured, with what was measured below, and nothing is
 extrapolated. The default run (--head, both families) took 14 minutes on one thread, most of it Qdrant's 10k rows.
