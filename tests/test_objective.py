@@ -388,15 +388,16 @@ def test_fast_path_equals_reference_with_none_or_all_dead(make_head, embeddings,
 def test_step_losses_chooses_the_path(make_head, embeddings, monkeypatch):
     """The fast path, compiled where kernels.available says; the reference when REFERENCE is set."""
     calls = []
-    monkeypatch.setattr(objective, "reference_losses", lambda *a: calls.append("reference"))
-    monkeypatch.setattr(objective, "fast_losses", lambda *a, compiled: calls.append(("fast", compiled)))
+    monkeypatch.setattr(objective, "reference_losses", lambda *a, target: calls.append(("reference", target)))
+    monkeypatch.setattr(objective, "fast_losses", lambda *a, target, compiled: calls.append(("fast", compiled, target)))
     head, x, dead = make_head(), embeddings(), torch.zeros(32, dtype=torch.bool)
     for enabled in (True, False):
         monkeypatch.setattr(kernels, "ENABLED", enabled)
         step_losses(head, x, 2, dead, TrainConfig(), "self")
     monkeypatch.setattr(objective, "REFERENCE", True)
-    step_losses(head, x, 2, dead, TrainConfig(), "self")
-    assert calls == [("fast", kernels.numba is not None), ("fast", False), "reference"]
+    target = x.detach()
+    step_losses(head, x, 2, dead, TrainConfig(), "self", target=target)  # the target goes through to the path chosen
+    assert calls == [("fast", kernels.numba is not None, None), ("fast", False, None), ("reference", target)]
 
 
 def test_objective_module_forward_is_step_losses(make_head, embeddings):
