@@ -308,6 +308,8 @@ def test_a_checkpoint_written_before_a_config_field_existed_resumes(tmp_path, mo
     ({"lora_rank": True}, "lora_rank must be an integer >= 0, got True"),
     ({"mrl_dims": (2, 4.5)}, "each of mrl_dims must be an integer >= 1, got 4.5"),
     ({"backbone_lr": -1.0}, "backbone_lr must be >= 0, got -1.0"),
+    ({"freeze_batchnorm": "no"}, "freeze_batchnorm must be True or False, got 'no'"),
+    ({"detach_target": 1}, "detach_target must be True or False, got 1"),
 ])
 def test_finetune_config_refuses_non_finite_and_non_integer_values(fields, message):
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):

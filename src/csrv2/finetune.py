@@ -110,6 +110,9 @@ class FinetuneConfig:
         check_int("grad_accum", self.grad_accum, 1)
         check_int("lora_rank", self.lora_rank, 0)
         check_bool("bf16", self.bf16)
+        check_bool("freeze_batchnorm", self.freeze_batchnorm)
+        if self.detach_target is not None:
+            check_bool("detach_target", self.detach_target)
         for name in ("backbone_lr", "lora_alpha"):
             check_finite(name, getattr(self, name))
             if getattr(self, name) < 0:
