@@ -79,10 +79,10 @@ def main() -> None:
         p.error(f"unknown runs {unknown}; choose from {', '.join(RUNS)}")
     data = load_dataset(a.data, max_train=2000, max_test=1000, seed=0)
     train, val = held_out_rows(len(data.train_images))  # the suite's --validation split
-    images, labels = data.train_images[train], data.train_labels[train]
+    images = (data.train_images[train], data.train_images[val])  # (train, held-out)
+    y_train, y_val = data.train_labels[train], data.train_labels[val]
     frozen = ImageBackbone(a.image_size)
-    x_train, x_val = (frozen.embed(data.train_images[rows], progress=False) for rows in (train, val))
-    y_train, y_val = labels, data.train_labels[val]
+    x_train, x_val = (frozen.embed(x, progress=False) for x in images)
     linear = Trainer(HeadConfig(frozen.dim, 0, K), preset("csrv2", **VISION_RECIPE), TrainingData(x_train, class_ids(y_train)),
                      progress=False).fit()  # CSRv2-linear as the suite trains it on images
     rows = [{"run": "frozen backbone, CSRv2-linear head", **scores(x_train, y_train, x_val, y_val, linear)}]
@@ -93,12 +93,12 @@ def main() -> None:
         start = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             finetuner = Finetuner(
-                ImageBackbone(a.image_size), images, labels, k=K, out=f"{tmp}/model", progress=False,
+                ImageBackbone(a.image_size), images[0], y_train, k=K, out=f"{tmp}/model", progress=False,
                 train=TrainConfig(epochs=FINETUNE_EPOCHS, batch_size=32, **VISION_RECIPE),
                 finetune=FinetuneConfig(objective, backbone_lr, freeze_batchnorm=freeze, detach_target=detach),
                 head=linear if objective == "csrv2" else None)
             backbone, head = finetuner.fit()
-        x_t, x_v = (backbone.embed(data.train_images[r], progress=False) for r in (train, val))
+        x_t, x_v = (backbone.embed(x, progress=False) for x in images)
         rows.append({"run": name, **scores(x_t, y_train, x_v, y_val, head), "seconds": round(time.perf_counter() - start)})
         print(rows[-1], flush=True)
     columns = ["dense", "dims 2", "dims 32", f"k = {K}"]
